@@ -1,0 +1,190 @@
+"""Thin ctypes bindings to the system libbpf for what bcc's Python API lacks.
+
+bcc compiles and loads the programs; pins, links and raw map access by file descriptor come from
+here, so read-only commands can open pinned maps without compiling or creating anything.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ctypes.util
+import errno
+import os
+from dataclasses import dataclass
+
+_LIB = ct.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+# enum bpf_link_type
+BPF_LINK_TYPE_CGROUP = 3
+
+_LIB.bpf_obj_get.argtypes = [ct.c_char_p]
+_LIB.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
+_LIB.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+_LIB.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
+_LIB.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
+_LIB.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+_LIB.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+_LIB.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
+_LIB.bpf_link_update.argtypes = [ct.c_int, ct.c_int, ct.c_void_p]
+_LIB.bpf_link_detach.argtypes = [ct.c_int]
+_LIB.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
+
+
+class BpfError(OSError):
+    """A bpf(2) operation failed; errno tells why."""
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        # libbpf 1.x returns -errno and also sets errno.
+        code = -ret if ret < -1 else ct.get_errno()
+        raise BpfError(code, f"{what}: {os.strerror(code)}")
+    return ret
+
+
+def obj_get(path: str) -> int:
+    """Opens a pinned object; raises BpfError (ENOENT when there is no pin)."""
+    return _check(_LIB.bpf_obj_get(path.encode()), f"open pin {path}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(_LIB.bpf_obj_pin(fd, path.encode()), f"pin {path}")
+
+
+def map_lookup(fd: int, key: ct.Structure | ct._SimpleCData, value: ct.Structure | ct._SimpleCData) -> bool:
+    ret = _LIB.bpf_map_lookup_elem(fd, ct.byref(key), ct.byref(value))
+    if ret < 0 and ct.get_errno() == errno.ENOENT:
+        return False
+    _check(ret, "map lookup")
+    return True
+
+
+def map_update(fd: int, key: ct.Structure | ct._SimpleCData, value: ct.Structure | ct._SimpleCData,
+               flags: int = BPF_ANY) -> None:
+    _check(_LIB.bpf_map_update_elem(fd, ct.byref(key), ct.byref(value), flags), "map update")
+
+
+def map_delete(fd: int, key: ct.Structure | ct._SimpleCData) -> bool:
+    ret = _LIB.bpf_map_delete_elem(fd, ct.byref(key))
+    if ret < 0 and ct.get_errno() == errno.ENOENT:
+        return False
+    _check(ret, "map delete")
+    return True
+
+
+def map_next_key(fd: int, key: ct.Structure | None, next_key: ct.Structure) -> bool:
+    ret = _LIB.bpf_map_get_next_key(fd, ct.byref(key) if key is not None else None, ct.byref(next_key))
+    if ret < 0 and ct.get_errno() == errno.ENOENT:
+        return False
+    _check(ret, "map next key")
+    return True
+
+
+class _MapInfo(ct.Structure):
+    # struct bpf_map_info (uapi/linux/bpf.h), the leading fields we read.
+    _fields_ = [
+        ("type", ct.c_uint32),
+        ("id", ct.c_uint32),
+        ("key_size", ct.c_uint32),
+        ("value_size", ct.c_uint32),
+        ("max_entries", ct.c_uint32),
+        ("map_flags", ct.c_uint32),
+        ("name", ct.c_char * 16),
+        ("_rest", ct.c_uint8 * 64),
+    ]
+
+
+class _LinkInfo(ct.Structure):
+    # struct bpf_link_info for a cgroup link: type, id, prog_id, then the cgroup union member.
+    _fields_ = [
+        ("type", ct.c_uint32),
+        ("id", ct.c_uint32),
+        ("prog_id", ct.c_uint32),
+        ("_pad", ct.c_uint32),
+        ("cgroup_id", ct.c_uint64),
+        ("attach_type", ct.c_uint32),
+        ("_rest", ct.c_uint8 * 64),
+    ]
+
+
+class _ProgInfo(ct.Structure):
+    # struct bpf_prog_info, up to and including name.
+    _fields_ = [
+        ("type", ct.c_uint32),
+        ("id", ct.c_uint32),
+        ("tag", ct.c_uint8 * 8),
+        ("jited_prog_len", ct.c_uint32),
+        ("xlated_prog_len", ct.c_uint32),
+        ("jited_prog_insns", ct.c_uint64),
+        ("xlated_prog_insns", ct.c_uint64),
+        ("load_time", ct.c_uint64),
+        ("created_by_uid", ct.c_uint32),
+        ("nr_map_ids", ct.c_uint32),
+        ("map_ids", ct.c_uint64),
+        ("name", ct.c_char * 16),
+        ("_rest", ct.c_uint8 * 256),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class MapInfo:
+    id: int
+    name: str
+    key_size: int
+    value_size: int
+    max_entries: int
+
+
+@dataclass(frozen=True, slots=True)
+class LinkInfo:
+    id: int
+    type: int
+    prog_id: int
+    cgroup_id: int
+    attach_type: int
+
+
+def _info(fd: int, info: ct.Structure) -> None:
+    size = ct.c_uint32(ct.sizeof(info))
+    _check(_LIB.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "object info")
+
+
+def map_info(fd: int) -> MapInfo:
+    info = _MapInfo()
+    _info(fd, info)
+    return MapInfo(id=info.id, name=info.name.decode(), key_size=info.key_size,
+                   value_size=info.value_size, max_entries=info.max_entries)
+
+
+def link_info(fd: int) -> LinkInfo:
+    info = _LinkInfo()
+    _info(fd, info)
+    return LinkInfo(id=info.id, type=info.type, prog_id=info.prog_id,
+                    cgroup_id=info.cgroup_id, attach_type=info.attach_type)
+
+
+def prog_name(prog_id: int) -> str:
+    fd = _check(_LIB.bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
+    try:
+        info = _ProgInfo()
+        _info(fd, info)
+        return info.name.decode()
+    finally:
+        os.close(fd)
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    return _check(_LIB.bpf_link_create(prog_fd, target_fd, attach_type, None), "link create")
+
+
+def link_update(link_fd: int, prog_fd: int) -> None:
+    """Swaps the program behind a link in one step: no moment with both or neither attached."""
+    _check(_LIB.bpf_link_update(link_fd, prog_fd, None), "link update")
+
+
+def link_detach(link_fd: int) -> None:
+    _check(_LIB.bpf_link_detach(link_fd), "link detach")

@@ -1,0 +1,124 @@
+"""The pinned BPF maps: their names, their layouts (from bcc) and raw access by file descriptor.
+
+Layouts come from compiling `bpf/ctlb.h` with bcc, which generates a ctypes type per map key and
+value; nothing here declares a layout a second time.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import os
+import pathlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ctlb.datapath import libbpf
+
+FRONTENDS = {4: "ctlb_fe4", 6: "ctlb_fe6"}
+BACKENDS = {4: "ctlb_be4", 6: "ctlb_be6"}
+MEMBERS = {4: "ctlb_member4", 6: "ctlb_member6"}
+REVNAT = {4: "ctlb_revnat4", 6: "ctlb_revnat6"}
+AFFINITY = {4: "ctlb_aff4", 6: "ctlb_aff6"}
+
+ALL_MAPS: tuple[str, ...] = (
+    *FRONTENDS.values(), *BACKENDS.values(), *MEMBERS.values(), *REVNAT.values(), *AFFINITY.values(),
+)
+
+
+def bpf_source_dir() -> pathlib.Path:
+    """Where the C sources are: `$CTLB_BPF_DIR`, else `bpf/` beside the package."""
+    override = os.environ.get("CTLB_BPF_DIR")
+    if override:
+        return pathlib.Path(override)
+    return pathlib.Path(__file__).resolve().parents[2] / "bpf"
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    key: type
+    leaf: type
+
+
+def layouts_of(bpf: object) -> dict[str, Layout]:
+    """The ctypes key/value type of every ctlb map, as bcc generated them for `bpf`."""
+    out: dict[str, Layout] = {}
+    for name in ALL_MAPS:
+        table = bpf[name.encode()]  # type: ignore[index]
+        out[name] = Layout(key=table.Key, leaf=table.Leaf)
+    return out
+
+
+def compile_layouts() -> dict[str, Layout]:
+    """Layouts without creating or touching any pin (for read-only commands)."""
+    from bcc import BPF  # Debian's python3-bpfcc; imported late so pure modules never need it
+
+    src = bpf_source_dir()
+    bpf = BPF(text=b'#include "ctlb.h"\n', cflags=[f"-I{src}", "-DCTLB_LAYOUT_ONLY", "-w"])
+    try:
+        return layouts_of(bpf)
+    finally:
+        bpf.cleanup()
+
+
+class PinnedMap:
+    """One pinned map opened by path, read and written with its bcc-generated types."""
+
+    def __init__(self, path: pathlib.Path, layout: Layout) -> None:
+        self.path = path
+        self.name = path.name
+        self.layout = layout
+        self.fd = libbpf.obj_get(str(path))
+        info = libbpf.map_info(self.fd)
+        if info.key_size != ct.sizeof(layout.key) or info.value_size != ct.sizeof(layout.leaf):
+            os.close(self.fd)
+            raise libbpf.BpfError(
+                errno.EINVAL,
+                f"pinned map {path} has key/value sizes {info.key_size}/{info.value_size}, "
+                f"this ctlb expects {ct.sizeof(layout.key)}/{ct.sizeof(layout.leaf)}: "
+                "run `ctlb uninstall` to remove the old datapath",
+            )
+        self.max_entries = info.max_entries
+
+    def get(self, key: ct.Structure) -> ct.Structure | None:
+        leaf = self.layout.leaf()
+        return leaf if libbpf.map_lookup(self.fd, key, leaf) else None
+
+    def put(self, key: ct.Structure, leaf: ct.Structure) -> None:
+        libbpf.map_update(self.fd, key, leaf)
+
+    def delete(self, key: ct.Structure) -> bool:
+        return libbpf.map_delete(self.fd, key)
+
+    def keys(self) -> Iterator[ct.Structure]:
+        key: ct.Structure | None = None
+        while True:
+            nxt = self.layout.key()
+            if not libbpf.map_next_key(self.fd, key, nxt):
+                return
+            yield nxt
+            key = nxt
+
+    def items(self) -> Iterator[tuple[ct.Structure, ct.Structure]]:
+        for key in list(self.keys()):
+            leaf = self.get(key)
+            if leaf is not None:  # deleted by a program meanwhile (LRU eviction)
+                yield key, leaf
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def open_pinned(bpffs: pathlib.Path, layouts: dict[str, Layout]) -> dict[str, PinnedMap]:
+    """Opens every ctlb map pinned in `bpffs`; raises BpfError(ENOENT) if one is missing."""
+    opened: dict[str, PinnedMap] = {}
+    try:
+        for name in ALL_MAPS:
+            opened[name] = PinnedMap(bpffs / name, layouts[name])
+    except OSError:
+        for m in opened.values():
+            m.close()
+        raise
+    return opened

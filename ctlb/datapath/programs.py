@@ -1,0 +1,203 @@
+"""Compiles, loads and attaches the socket programs; detaches and unpins them on uninstall.
+
+Attachments are BPF links pinned in the bpffs folder, so they outlive the agent (a restarting
+agent drops nothing), and a new agent swaps its programs in with one `link_update` per hook:
+no moment with no program attached and none with two.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pathlib
+from dataclasses import dataclass
+
+import structlog
+
+from ctlb import errors
+from ctlb.datapath import cgroup, libbpf, maps
+
+log = structlog.get_logger()
+
+# enum bpf_attach_type (uapi/linux/bpf.h)
+CGROUP_INET4_CONNECT = 10
+CGROUP_INET6_CONNECT = 11
+CGROUP_UDP4_SENDMSG = 14
+CGROUP_UDP6_SENDMSG = 15
+CGROUP_UDP4_RECVMSG = 19
+CGROUP_UDP6_RECVMSG = 20
+CGROUP_INET4_GETPEERNAME = 29
+CGROUP_INET6_GETPEERNAME = 30
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    program: str  # entry point in bpf/sock.c
+    attach_type: int
+
+    @property
+    def link_pin(self) -> str:
+        return "link_" + self.program.removeprefix("ctlb_")
+
+
+HOOKS: tuple[Hook, ...] = (
+    Hook("ctlb_connect4", CGROUP_INET4_CONNECT),
+    Hook("ctlb_sendmsg4", CGROUP_UDP4_SENDMSG),
+    Hook("ctlb_recvmsg4", CGROUP_UDP4_RECVMSG),
+    Hook("ctlb_getpeer4", CGROUP_INET4_GETPEERNAME),
+    Hook("ctlb_connect6", CGROUP_INET6_CONNECT),
+    Hook("ctlb_sendmsg6", CGROUP_UDP6_SENDMSG),
+    Hook("ctlb_recvmsg6", CGROUP_UDP6_RECVMSG),
+    Hook("ctlb_getpeer6", CGROUP_INET6_GETPEERNAME),
+)
+
+ATTACH_NAMES = {h.attach_type: h.program.removeprefix("ctlb_") for h in HOOKS}
+
+
+@dataclass(frozen=True, slots=True)
+class MapSizes:
+    frontends: int = 65536
+    backends: int = 524288
+    revnat: int = 262144
+    affinity: int = 131072
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    hook: str
+    program: str
+    prog_id: int
+    cgroup_id: int
+
+
+def ensure_bpffs_dir(bpffs: pathlib.Path) -> None:
+    """Creates the pin folder; it must sit on a bpf file system or pins cannot be made."""
+    bpffs.mkdir(parents=True, exist_ok=True)
+    if not _on_bpffs(bpffs):
+        raise errors.DatapathError(
+            f"{bpffs} is not on a bpf file system: mount one (mount -t bpf bpf /sys/fs/bpf)")
+
+
+def _on_bpffs(path: pathlib.Path) -> bool:
+    """Whether the longest mount point above `path` is a bpf file system (os.statvfs has no
+    f_type, so the mount table tells)."""
+    resolved = path.resolve()
+    best = ""
+    fstype = ""
+    for line in pathlib.Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        mnt = fields[1]
+        if (str(resolved) == mnt or str(resolved).startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+            best, fstype = mnt, fields[2]
+    return fstype == "bpf"
+
+
+def compile_and_load(bpffs: pathlib.Path, sizes: MapSizes) -> tuple[object, dict[str, int]]:
+    """Compiles bpf/sock.c, opening (or creating and pinning) its maps in `bpffs`.
+
+    Returns the bcc BPF object (keep it alive while the programs are being attached) and the
+    program fds by entry-point name.
+    """
+    from bcc import BPF  # Debian's python3-bpfcc
+
+    src = maps.bpf_source_dir()
+    cflags = [
+        f"-I{src}",
+        f'-DCTLB_PIN_DIR="{bpffs}"',
+        f"-DCTLB_FRONTENDS_MAX={sizes.frontends}",
+        f"-DCTLB_BACKENDS_MAX={sizes.backends}",
+        f"-DCTLB_REVNAT_MAX={sizes.revnat}",
+        f"-DCTLB_AFFINITY_MAX={sizes.affinity}",
+        "-w",
+    ]
+    try:
+        bpf = BPF(src_file=str(src / "sock.c").encode(), cflags=cflags)
+        fds = {h.program: bpf.load_func(h.program.encode(), BPF.CGROUP_SOCK_ADDR,
+                                        attach_type=h.attach_type).fd for h in HOOKS}
+    except Exception as exc:  # bcc raises bare Exception for compile and verifier failures
+        raise errors.DatapathError(f"loading bpf/sock.c failed: {exc}") from exc
+    return bpf, fds
+
+
+def attach(cgroup_path: pathlib.Path, bpffs: pathlib.Path, prog_fds: dict[str, int]) -> None:
+    """Attaches every hook to `cgroup_path`, replacing the programs of pinned links in place."""
+    target = cgroup.cgroup_id(cgroup_path)
+    cg_fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for hook in HOOKS:
+            _attach_one(hook, cg_fd, target, bpffs / hook.link_pin, prog_fds[hook.program])
+    finally:
+        os.close(cg_fd)
+
+
+def _attach_one(hook: Hook, cg_fd: int, target: int, pin: pathlib.Path, prog_fd: int) -> None:
+    old = _open_link(pin)
+    try:
+        if old is not None and libbpf.link_info(old).cgroup_id == target:
+            libbpf.link_update(old, prog_fd)
+            log.debug("program_replaced", hook=hook.program)
+            return
+        new = libbpf.link_create(prog_fd, cg_fd, hook.attach_type)
+        try:
+            if old is not None:
+                # Moving to another cgroup: the new link is attached before the old one goes.
+                pin.unlink()
+                libbpf.link_detach(old)
+            libbpf.obj_pin(new, str(pin))
+        finally:
+            os.close(new)
+        log.debug("program_attached", hook=hook.program)
+    finally:
+        if old is not None:
+            os.close(old)
+
+
+def _open_link(pin: pathlib.Path) -> int | None:
+    try:
+        return libbpf.obj_get(str(pin))
+    except libbpf.BpfError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+
+
+def attachments(bpffs: pathlib.Path) -> list[Attachment]:
+    """The programs attached through ctlb's pinned links."""
+    found: list[Attachment] = []
+    for hook in HOOKS:
+        fd = _open_link(bpffs / hook.link_pin)
+        if fd is None:
+            continue
+        try:
+            info = libbpf.link_info(fd)
+        finally:
+            os.close(fd)
+        name = libbpf.prog_name(info.prog_id) if info.prog_id else ""
+        found.append(Attachment(hook=hook.program.removeprefix("ctlb_"), program=name,
+                                prog_id=info.prog_id, cgroup_id=info.cgroup_id))
+    return found
+
+
+def uninstall(bpffs: pathlib.Path) -> list[str]:
+    """Detaches every program and removes every pin under `bpffs`. Returns what it removed."""
+    removed: list[str] = []
+    for hook in HOOKS:
+        pin = bpffs / hook.link_pin
+        fd = _open_link(pin)
+        if fd is None:
+            continue
+        try:
+            libbpf.link_detach(fd)
+        finally:
+            os.close(fd)
+        pin.unlink()
+        removed.append(pin.name)
+    if bpffs.is_dir():
+        for entry in sorted(bpffs.iterdir()):
+            # Only ctlb's own pins: the folder may be shared with other tools.
+            if entry.name in maps.ALL_MAPS:
+                entry.unlink()
+                removed.append(entry.name)
+        if not any(bpffs.iterdir()):
+            bpffs.rmdir()
+    return removed

@@ -1,0 +1,308 @@
+"""Brings the load-balancing maps to the desired state, writing only the difference.
+
+Make before break: a backend set is written in full under a fresh set id before any frontend
+points at it, frontends flip with one map update each, and the old set is deleted only after no
+frontend refers to it. Whatever does not fit (a full map) is reported by service port and left
+as it was, so nothing already programmed is lost.
+
+The reconciler keeps a shadow of what it programmed; it reads the maps once, at adoption, so a
+restarted agent takes over what the last one left without rewriting it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import structlog
+
+from ctlb import desired, errors, model
+from ctlb.datapath import tables
+
+log = structlog.get_logger()
+
+_ID_MAX = (1 << 32) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Programmed:
+    """What the maps hold, as values: frontends, complete backend sets, affinity members."""
+
+    frontends: dict[desired.Frontend, tables.FrontendValue] = field(default_factory=dict)
+    sets: dict[tuple[int, int], tuple[desired.Backend, ...]] = field(default_factory=dict)  # (family, set id)
+    slots: Counter[int] = field(default_factory=Counter)  # backend-map entries per family, incl. partial sets
+    members: set[tables.MemberKey] = field(default_factory=set)
+
+    def frontend_count(self, fam: int) -> int:
+        return sum(1 for fe in self.frontends if fe.address.version == fam)
+
+    def member_count(self, fam: int) -> int:
+        return sum(1 for m in self.members if m.backend.address.version == fam)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    problems: tuple[model.Problem, ...]
+    writes: int
+    deletes: int
+
+
+def read_programmed(family_tables: Mapping[int, tables.FamilyTables]) -> Programmed:
+    """Reads what the maps hold. Sets with a missing slot (a writer died half way) are dropped
+    from the view, so the next reconcile treats them as garbage."""
+    prog = Programmed()
+    for fam, t in family_tables.items():
+        prog.frontends.update(t.frontends.items())
+        slots: dict[int, dict[int, desired.Backend]] = defaultdict(dict)
+        for key, backend in t.backends.items():
+            slots[key.set_id][key.slot] = backend
+            prog.slots[fam] += 1
+        for set_id, by_slot in slots.items():
+            if sorted(by_slot) == list(range(len(by_slot))):
+                prog.sets[(fam, set_id)] = tuple(by_slot[i] for i in range(len(by_slot)))
+        prog.members.update(key for key, _ in t.members.items())
+    return prog
+
+
+def datapath_view(frontends: Mapping[desired.Frontend, tables.FrontendValue],
+                  sets: Mapping[tuple[int, int], tuple[desired.Backend, ...]]) -> dict[str, object]:
+    """What a client observes, id-free: frontend -> backends and affinity. Two datapaths with the
+    same view balance alike; `ctlb status` compares views to tell whether the maps are in sync."""
+    view: dict[str, object] = {}
+    for fe, value in sorted(frontends.items()):
+        fam = fe.address.version
+        backends = sets.get((fam, value.set_id), ()) if value.count else ()
+        if len(backends) != value.count:
+            backends = ("<incomplete>",)  # type: ignore[assignment]
+        view[str(fe)] = {
+            "backends": sorted(str(b) for b in backends),
+            "affinity": value.affinity_timeout if value.flags & tables.LB_F_AFFINITY else None,
+        }
+    return view
+
+
+def desired_view(state: desired.DesiredState, *, exclude: Iterable[desired.ServicePortName] = ()) -> dict[str, object]:
+    skipped = set(exclude)
+    view: dict[str, object] = {}
+    for sp in state.service_ports.values():
+        if sp.name in skipped:
+            continue
+        for fe in sp.frontends:
+            view[str(fe)] = {"backends": sorted(str(b) for b in sp.backends), "affinity": sp.affinity_timeout}
+    return dict(sorted(view.items()))
+
+
+def digest(view: Mapping[str, object]) -> str:
+    return hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Reconciler:
+    """Owns the frontend, backend and member maps of both families."""
+
+    def __init__(self, family_tables: Mapping[int, tables.FamilyTables]) -> None:
+        self._tables = family_tables
+        self.programmed = read_programmed(family_tables)
+        self.svc_ids: dict[desired.ServicePortName, int] = {}
+        self.service_of: dict[int, desired.ServicePortName] = {}
+        used_sets = [set_id for (_, set_id) in self.programmed.sets] + [
+            v.set_id for v in self.programmed.frontends.values()]
+        self._next_set = max(used_sets, default=0) + 1
+        self._next_svc = max((v.svc_id for v in self.programmed.frontends.values()), default=0) + 1
+        self.failed: set[desired.ServicePortName] = set()
+        # Entries per family in the maps only user space writes, for capacity checks in O(1).
+        self._fe_count = Counter({fam: self.programmed.frontend_count(fam) for fam in family_tables})
+        self._member_count = Counter({fam: self.programmed.member_count(fam) for fam in family_tables})
+        self._writes = 0
+        self._deletes = 0
+
+    # --- the whole pass ---------------------------------------------------------------------
+
+    def apply(self, state: desired.DesiredState) -> Outcome:
+        """Programs `state`; returns the service ports that could not be programmed, and why."""
+        self._writes = self._deletes = 0
+        problems: list[model.Problem] = []
+        self.failed = set()
+        self._assign_svc_ids(state)
+        self._delete_unwanted_frontends(state)
+        for name in sorted(state.service_ports):
+            problem = self._program_service_port(state.service_ports[name])
+            if problem is not None:
+                problems.append(problem)
+                self.failed.add(name)
+        self._delete_stale_members(state)
+        self._collect_unreferenced_sets()
+        return Outcome(problems=tuple(problems), writes=self._writes, deletes=self._deletes)
+
+    def view(self) -> dict[str, object]:
+        return datapath_view(self.programmed.frontends, self.programmed.sets)
+
+    # --- ids ----------------------------------------------------------------------------------
+
+    def _assign_svc_ids(self, state: desired.DesiredState) -> None:
+        """Keeps a service port's id for as long as it exists, across restarts too (adopted from
+        the frontends it had), so affinity entries stay valid."""
+        for gone in set(self.svc_ids) - set(state.service_ports):
+            del self.service_of[self.svc_ids.pop(gone)]
+        in_maps = {v.svc_id for v in self.programmed.frontends.values()}
+        for name in sorted(state.service_ports):
+            if name in self.svc_ids:
+                continue
+            svc_id = self._adoptable_id(state.service_ports[name]) or self._allocate_svc_id(in_maps)
+            self.svc_ids[name] = svc_id
+            self.service_of[svc_id] = name
+
+    def _adoptable_id(self, sp: desired.ServicePortState) -> int | None:
+        ids = Counter(self.programmed.frontends[fe].svc_id for fe in sp.frontends
+                      if fe in self.programmed.frontends)
+        for svc_id, _ in ids.most_common():
+            if svc_id not in self.service_of:
+                return svc_id
+        return None
+
+    def _allocate_svc_id(self, in_maps: set[int]) -> int:
+        while self._next_svc in self.service_of or self._next_svc in in_maps or self._next_svc == 0:
+            self._next_svc = self._next_svc % _ID_MAX + 1
+        svc_id = self._next_svc
+        self._next_svc = self._next_svc % _ID_MAX + 1
+        return svc_id
+
+    def _allocate_set_id(self) -> int:
+        sets = self.programmed.sets
+        while (4, self._next_set) in sets or (6, self._next_set) in sets or self._next_set == 0:
+            self._next_set = self._next_set % _ID_MAX + 1
+        set_id = self._next_set
+        self._next_set = self._next_set % _ID_MAX + 1
+        return set_id
+
+    # --- frontends ----------------------------------------------------------------------------
+
+    def _delete_unwanted_frontends(self, state: desired.DesiredState) -> None:
+        wanted = {fe for sp in state.service_ports.values() for fe in sp.frontends}
+        for fe in [fe for fe in self.programmed.frontends if fe not in wanted]:
+            self._tables[fe.address.version].frontends.delete(fe)
+            del self.programmed.frontends[fe]
+            self._fe_count[fe.address.version] -= 1
+            self._deletes += 1
+
+    def _program_service_port(self, sp: desired.ServicePortState) -> model.Problem | None:
+        fam = 4 if sp.name.family == model.IPFamily.IPv4 else 6
+        svc_id = self.svc_ids[sp.name]
+        try:
+            set_id = self._ensure_set(fam, sp)
+            if sp.affinity_timeout is not None:
+                self._ensure_members(fam, svc_id, sp.backends)
+            value = tables.FrontendValue(
+                svc_id=svc_id, set_id=set_id, count=len(sp.backends),
+                affinity_timeout=sp.affinity_timeout or 0,
+                flags=tables.LB_F_AFFINITY if sp.affinity_timeout is not None else 0,
+            )
+            self._write_frontends(fam, sp, value)
+        except errors.MapFull as exc:
+            log.warning("service_port_not_programmed", service_port=str(sp.name), reason=str(exc))
+            return model.Problem(ref=f"Service {sp.name.namespace}/{sp.name.name}",
+                                 reason=f"port {sp.name.port or '<unnamed>'}/{sp.name.protocol} "
+                                        f"({sp.name.family}) not programmed: {exc}")
+        return None
+
+    def _write_frontends(self, fam: int, sp: desired.ServicePortState, value: tables.FrontendValue) -> None:
+        table = self._tables[fam].frontends
+        new = [fe for fe in sp.frontends if fe not in self.programmed.frontends]
+        if self._fe_count[fam] + len(new) > table.max_entries:
+            raise errors.MapFull(table.name, table.max_entries)
+        for fe in sorted(sp.frontends):
+            if self.programmed.frontends.get(fe) != value:
+                table.put(fe, value)
+                if fe not in self.programmed.frontends:
+                    self._fe_count[fam] += 1
+                self.programmed.frontends[fe] = value
+                self._writes += 1
+
+    # --- backend sets -------------------------------------------------------------------------
+
+    def _ensure_set(self, fam: int, sp: desired.ServicePortState) -> int:
+        """The id of a complete set holding exactly `sp.backends`, written if need be."""
+        if not sp.backends:
+            return 0
+        for fe in sp.frontends:
+            current = self.programmed.frontends.get(fe)
+            if current is not None and self.programmed.sets.get((fam, current.set_id)) == sp.backends:
+                return current.set_id
+        table = self._tables[fam].backends
+        if self.programmed.slots[fam] + len(sp.backends) > table.max_entries:
+            self._collect_unreferenced_sets()
+            if self.programmed.slots[fam] + len(sp.backends) > table.max_entries:
+                raise errors.MapFull(table.name, table.max_entries)
+        set_id = self._allocate_set_id()
+        written = 0
+        try:
+            for slot, backend in enumerate(sp.backends):
+                table.put(tables.SlotKey(fam, set_id, slot), backend)
+                written += 1
+        except errors.MapFull:
+            for slot in range(written):
+                table.delete(tables.SlotKey(fam, set_id, slot))
+            raise
+        finally:
+            self._writes += written
+        self.programmed.slots[fam] += written
+        self.programmed.sets[(fam, set_id)] = sp.backends
+        return set_id
+
+    def _collect_unreferenced_sets(self) -> None:
+        referenced = {(fe.address.version, v.set_id) for fe, v in self.programmed.frontends.items()}
+        for fam in self._tables:
+            if self._has_partial_sets(fam):
+                self._delete_partial_sets(fam)
+        for (fam, set_id), backends in list(self.programmed.sets.items()):
+            if (fam, set_id) in referenced:
+                continue
+            for slot in range(len(backends)):
+                self._tables[fam].backends.delete(tables.SlotKey(fam, set_id, slot))
+            self._deletes += len(backends)
+            self.programmed.slots[fam] -= len(backends)
+            del self.programmed.sets[(fam, set_id)]
+
+    def _has_partial_sets(self, fam: int) -> bool:
+        complete = sum(len(b) for (f, _), b in self.programmed.sets.items() if f == fam)
+        return self.programmed.slots[fam] != complete
+
+    def _delete_partial_sets(self, fam: int) -> None:
+        """Slots of sets a writer left half done (it died mid-write): no frontend uses them."""
+        table = self._tables[fam].backends
+        for key, _ in table.items():
+            if (fam, key.set_id) not in self.programmed.sets:
+                table.delete(key)
+                self.programmed.slots[fam] -= 1
+                self._deletes += 1
+
+    # --- affinity members ---------------------------------------------------------------------
+
+    def _ensure_members(self, fam: int, svc_id: int, backends: tuple[desired.Backend, ...]) -> None:
+        table = self._tables[fam].members
+        missing = [tables.MemberKey(svc_id, b) for b in backends
+                   if tables.MemberKey(svc_id, b) not in self.programmed.members]
+        if self._member_count[fam] + len(missing) > table.max_entries:
+            raise errors.MapFull(table.name, table.max_entries)
+        for key in missing:
+            table.put(key, True)
+            self.programmed.members.add(key)
+            self._member_count[fam] += 1
+            self._writes += 1
+
+    def _delete_stale_members(self, state: desired.DesiredState) -> None:
+        wanted = {
+            tables.MemberKey(self.svc_ids[name], b)
+            for name, sp in state.service_ports.items()
+            if sp.affinity_timeout is not None and name not in self.failed
+            for b in sp.backends
+        }
+        # A service port that failed keeps the members its frontends may still rely on.
+        kept = {self.svc_ids[name] for name in self.failed}
+        for key in [m for m in self.programmed.members if m not in wanted and m.svc_id not in kept]:
+            self._tables[key.backend.address.version].members.delete(key)
+            self.programmed.members.discard(key)
+            self._member_count[key.backend.address.version] -= 1
+            self._deletes += 1
