@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -84,12 +84,9 @@ def datapath_view(frontends: Mapping[desired.Frontend, tables.FrontendValue],
     return view
 
 
-def desired_view(state: desired.DesiredState, *, exclude: Iterable[desired.ServicePortName] = ()) -> dict[str, object]:
-    skipped = set(exclude)
+def desired_view(state: desired.DesiredState) -> dict[str, object]:
     view: dict[str, object] = {}
     for sp in state.service_ports.values():
-        if sp.name in skipped:
-            continue
         for fe in sp.frontends:
             view[str(fe)] = {"backends": sorted(str(b) for b in sp.backends), "affinity": sp.affinity_timeout}
     return dict(sorted(view.items()))

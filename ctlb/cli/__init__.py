@@ -1,0 +1,3 @@
+"""The `ctlb` command: one module per verb."""
+
+__all__: list[str] = []

@@ -1,0 +1,61 @@
+"""`ctlb agent`: the node agent, in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import signal
+import socket
+import threading
+
+from ctlb import agent, datapath, errors, logs
+from ctlb.cli import common
+from ctlb.datapath import cgroup
+
+EPILOG = """examples:
+  ctlb agent --manifests deploy/example/          # serve manifest files, reload on change
+  ctlb agent --manifests svc.yaml --cgroup /sys/fs/cgroup/kubepods.slice
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("agent", help="run the node agent (foreground)", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--manifests", type=pathlib.Path, action="append", default=[],
+                   help="file or folder of Kubernetes YAML to serve (repeatable); reloaded on change")
+    p.add_argument("--kubeconfig", type=pathlib.Path, help="kubeconfig for the API source")
+    p.add_argument("--node-name", default=os.environ.get("NODE_NAME") or socket.gethostname(),
+                   help="this node's name (default $NODE_NAME, then the host name)")
+    p.add_argument("--cgroup", type=pathlib.Path,
+                   help="cgroup v2 folder the socket programs attach to (default: the cgroup2 root)")
+    common.add_location_args(p)
+    sizes = datapath.MapSizes()
+    p.add_argument("--max-frontends", type=int, default=sizes.frontends, help="entries per frontend map")
+    p.add_argument("--max-backends", type=int, default=sizes.backends, help="entries per backend map")
+    p.add_argument("--max-revnat", type=int, default=sizes.revnat, help="entries per socket reverse-NAT map")
+    p.add_argument("--max-affinity", type=int, default=sizes.affinity, help="entries per affinity map")
+    p.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None,
+                   help="JSON log lines (default: when stderr is not a terminal)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    logs.configure(json=args.log_json)
+    common.require_root("agent")
+    if not args.manifests:
+        raise errors.CtlbError("the Kubernetes API source is not available yet: pass --manifests PATH")
+    config = agent.AgentConfig(
+        manifests=tuple(args.manifests),
+        node_name=args.node_name,
+        cgroup=args.cgroup or cgroup.cgroup2_mount(),
+        bpffs=args.bpffs,
+        run_dir=args.run_dir,
+        sizes=datapath.MapSizes(frontends=args.max_frontends, backends=args.max_backends,
+                                revnat=args.max_revnat, affinity=args.max_affinity),
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    agent.run(config, stop=stop)
+    return 0
