@@ -21,21 +21,33 @@ class FrontendKind(enum.StrEnum):
     NODE_PORT = "NodePort"
 
 
-@dataclass(frozen=True, slots=True, order=True)
+def _address_key(address: model.IPAddress) -> tuple[int, int]:
+    """IPv4 before IPv6: ipaddress refuses to compare addresses of two versions."""
+    return (address.version, int(address))
+
+
+@dataclass(frozen=True, slots=True)
 class Frontend:
     address: model.IPAddress
     port: int
     protocol: model.Protocol
+
+    def __lt__(self, other: Frontend) -> bool:
+        return (_address_key(self.address), self.port, self.protocol) < (
+            _address_key(other.address), other.port, other.protocol)
 
     def __str__(self) -> str:
         host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
         return f"{host}:{self.port}/{self.protocol}"
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@dataclass(frozen=True, slots=True)
 class Backend:
     address: model.IPAddress
     port: int
+
+    def __lt__(self, other: Backend) -> bool:
+        return (_address_key(self.address), self.port) < (_address_key(other.address), other.port)
 
     def __str__(self) -> str:
         host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
