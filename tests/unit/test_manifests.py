@@ -1,0 +1,368 @@
+"""The manifest source: files and folders of `kubectl get -o yaml` output to a Snapshot."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Callable
+
+import pytest
+import yaml
+
+from ctlb import model
+from ctlb.sources import manifests
+
+SERVICE = """\
+apiVersion: v1
+kind: Service
+metadata:
+  creationTimestamp: "2024-05-02T10:11:12Z"
+  labels:
+    app: web
+  name: web
+  namespace: shop
+  resourceVersion: "48213"
+  uid: 6f1d2b1e-9a7c-4d33-8d0e-2c5b7e1f4a10
+spec:
+  clusterIP: 10.96.12.34
+  clusterIPs:
+  - 10.96.12.34
+  internalTrafficPolicy: Cluster
+  ipFamilies:
+  - IPv4
+  ipFamilyPolicy: SingleStack
+  ports:
+  - name: http
+    port: 80
+    protocol: TCP
+    targetPort: http
+  selector:
+    app: web
+  sessionAffinity: None
+  type: ClusterIP
+status:
+  loadBalancer: {}
+"""
+
+ENDPOINT_SLICE = """\
+addressType: IPv4
+apiVersion: discovery.k8s.io/v1
+endpoints:
+- addresses:
+  - 10.244.1.5
+  conditions:
+    ready: true
+    serving: true
+    terminating: false
+  nodeName: node-1
+kind: EndpointSlice
+metadata:
+  creationTimestamp: "2024-05-02T10:11:12Z"
+  generateName: web-
+  labels:
+    endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io
+    kubernetes.io/service-name: web
+  name: web-x7k2p
+  namespace: shop
+  resourceVersion: "48377"
+  uid: 1d55c4e7-4b8e-9f5a-7d4e-2b1c3a990c4e
+ports:
+- name: http
+  port: 8080
+  protocol: TCP
+"""
+
+NODE = """\
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-1
+  resourceVersion: "51002"
+  uid: 7d4e2b1c-3a99-0c4e-7a52-1d554b8e9f5a
+status:
+  addresses:
+  - address: 172.18.0.3
+    type: InternalIP
+  - address: node-1
+    type: Hostname
+"""
+
+NAMESPACE = """\
+apiVersion: v1
+kind: Namespace
+metadata:
+  labels:
+    kubernetes.io/metadata.name: shop
+  name: shop
+  uid: 4b8e9f5a-7d4e-2b1c-3a99-0c4e7a521d55
+"""
+
+POD = """\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-7c9d8b5f4-abcde
+  namespace: shop
+  uid: 2b7e1f4a-6f1d-4d33-9a7c-8d0e2c5b7e10
+spec:
+  nodeName: node-1
+status:
+  podIP: 10.244.1.5
+  podIPs:
+  - ip: 10.244.1.5
+"""
+
+
+def _documents(*texts: str) -> str:
+    return "---\n".join(texts)
+
+
+def _write(path: pathlib.Path, text: str | bytes) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def _refs(snapshot: model.Snapshot) -> list[str]:
+    everything: tuple[model.KubeObject, ...] = (
+        *snapshot.services, *snapshot.endpoint_slices, *snapshot.nodes, *snapshot.namespaces, *snapshot.pods)
+    return [str(obj.ref) for obj in everything]
+
+
+def _renamed(text: str, name: str) -> str:
+    return text.replace("name: web\n", f"name: {name}\n", 1)
+
+
+# --- load ------------------------------------------------------------------------------------
+
+
+def test_multi_document_file_loads_every_kind(tmp_path: pathlib.Path) -> None:
+    path = _write(tmp_path / "cluster.yaml", _documents(SERVICE, ENDPOINT_SLICE, NODE, NAMESPACE, POD))
+
+    snapshot = manifests.load([path])
+
+    assert (_refs(snapshot), snapshot.problems) == (
+        ["Service shop/web", "EndpointSlice shop/web-x7k2p", "Node node-1", "Namespace shop",
+         "Pod shop/web-7c9d8b5f4-abcde"],
+        (),
+    )
+
+
+def test_folder_is_searched_recursively_for_yaml_yml_and_json(tmp_path: pathlib.Path) -> None:
+    _write(tmp_path / "services" / "web.yaml", SERVICE)
+    _write(tmp_path / "slices" / "deep" / "web.yml", ENDPOINT_SLICE)
+    _write(tmp_path / "node.json", json.dumps(yaml.safe_load(NODE), indent="\t"))
+    _write(tmp_path / "README.txt", NAMESPACE)
+
+    snapshot = manifests.load([tmp_path])
+
+    assert (_refs(snapshot), snapshot.problems) == (["Service shop/web", "EndpointSlice shop/web-x7k2p",
+                                                     "Node node-1"], ())
+
+
+@pytest.mark.parametrize(
+    "hidden",
+    ["..2024_05_02_10_11_12.123/web.yaml", ".git/web.yaml", ".web.yaml"],
+    ids=["configmap-volume-twin", "hidden-folder", "hidden-file"],
+)
+def test_hidden_files_and_folders_are_not_read(tmp_path: pathlib.Path, hidden: str) -> None:
+    _write(tmp_path / hidden, "kind: [unclosed")
+
+    assert manifests.load([tmp_path]) == model.Snapshot()
+
+
+def test_file_named_explicitly_is_read_whatever_its_suffix(tmp_path: pathlib.Path) -> None:
+    path = _write(tmp_path / "web.manifest", SERVICE)
+
+    assert _refs(manifests.load([path])) == ["Service shop/web"]
+
+
+def test_kubectl_list_output_is_expanded(tmp_path: pathlib.Path) -> None:
+    listing = {"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": ""},
+               "items": [yaml.safe_load(SERVICE), yaml.safe_load(ENDPOINT_SLICE)]}
+    path = _write(tmp_path / "all.yaml", yaml.safe_dump(listing))
+
+    assert _refs(manifests.load([path])) == ["Service shop/web", "EndpointSlice shop/web-x7k2p"]
+
+
+def test_invalid_object_becomes_a_problem_and_the_rest_is_loaded(tmp_path: pathlib.Path) -> None:
+    bad = _renamed(SERVICE, "bad").replace("port: 80", "port: 80000")
+    path = _write(tmp_path / "services.yaml", _documents(bad, SERVICE))
+
+    snapshot = manifests.load([path])
+
+    assert (_refs(snapshot), snapshot.problems) == (
+        ["Service shop/web"],
+        (model.Problem("Service shop/bad", "spec.ports[0].port 80000 is out of range 1..65535"),),
+    )
+
+
+def test_yaml_syntax_error_is_a_problem_naming_the_file_and_other_files_still_load(tmp_path: pathlib.Path) -> None:
+    broken = _write(tmp_path / "a-broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: [web\n")
+    _write(tmp_path / "b-good.yaml", SERVICE)
+
+    snapshot = manifests.load([tmp_path])
+
+    (problem,) = snapshot.problems
+    assert (_refs(snapshot), problem.ref, problem.reason.startswith("invalid YAML at line")) == (
+        ["Service shop/web"], f"file {broken}", True)
+
+
+def test_documents_before_a_yaml_syntax_error_are_kept(tmp_path: pathlib.Path) -> None:
+    path = _write(tmp_path / "cluster.yaml", _documents(SERVICE, "kind: Service\nmetadata: {name: [oops\n"))
+
+    snapshot = manifests.load([path])
+
+    assert (_refs(snapshot), [p.ref for p in snapshot.problems]) == (["Service shop/web"], [f"file {path}"])
+
+
+def test_json_syntax_error_is_a_problem_naming_the_file(tmp_path: pathlib.Path) -> None:
+    path = _write(tmp_path / "node.json", '{"apiVersion": "v1",')
+
+    (problem,) = manifests.load([path]).problems
+
+    assert (problem.ref, problem.reason.startswith("invalid JSON at line 1")) == (f"file {path}", True)
+
+
+def test_file_that_is_not_utf8_is_a_problem(tmp_path: pathlib.Path) -> None:
+    path = _write(tmp_path / "web.yaml", b"kind: Service\nmetadata: {name: \xff}\n")
+
+    (problem,) = manifests.load([path]).problems
+
+    assert (problem.ref, "UTF-8" in problem.reason) == (f"file {path}", True)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "---\n---\n", "# only a comment\n", f"---\n{SERVICE}---\n"],
+    ids=["empty-file", "only-separators", "only-a-comment", "separators-around-an-object"],
+)
+def test_empty_documents_are_skipped(tmp_path: pathlib.Path, text: str) -> None:
+    snapshot = manifests.load([_write(tmp_path / "x.yaml", text)])
+
+    assert (len(snapshot.services), snapshot.problems) == (text.count("kind: Service"), ())
+
+
+def test_document_that_is_not_an_object_is_a_problem_naming_the_file(tmp_path: pathlib.Path) -> None:
+    path = _write(tmp_path / "x.yaml", _documents(SERVICE, "- just\n- a list\n"))
+
+    snapshot = manifests.load([path])
+
+    assert (_refs(snapshot), snapshot.problems) == (
+        ["Service shop/web"],
+        (model.Problem(f"file {path}", "document 2 is a list, not a Kubernetes object"),),
+    )
+
+
+def test_missing_path_is_a_problem_not_an_exception(tmp_path: pathlib.Path) -> None:
+    missing = tmp_path / "nowhere.yaml"
+    present = _write(tmp_path / "web.yaml", SERVICE)
+
+    snapshot = manifests.load([missing, present])
+
+    assert (_refs(snapshot), [p.ref for p in snapshot.problems]) == (["Service shop/web"], [f"file {missing}"])
+
+
+def test_unreadable_file_is_a_problem(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path / "web.yaml", SERVICE)
+
+    def refuse(self: pathlib.Path, encoding: str | None = None) -> str:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    # Root reads a mode-000 file anyway, so the refusal is simulated at the read itself.
+    monkeypatch.setattr(pathlib.Path, "read_text", refuse)
+
+    (problem,) = manifests.load([path]).problems
+
+    assert (problem.ref, problem.reason) == (f"file {path}", "cannot be read: Permission denied")
+
+
+def test_later_duplicate_replaces_the_earlier_one_without_a_problem(tmp_path: pathlib.Path) -> None:
+    _write(tmp_path / "a.yaml", SERVICE)
+    _write(tmp_path / "b.yaml", SERVICE.replace("port: 80", "port: 8000"))
+
+    snapshot = manifests.load([tmp_path])
+
+    assert ([s.ports[0].port for s in snapshot.services], snapshot.problems) == ([8000], ())
+
+
+def test_objects_are_sorted_by_reference_whatever_the_file_order(tmp_path: pathlib.Path) -> None:
+    path = _write(tmp_path / "x.yaml", _documents(_renamed(SERVICE, "zeta"), _renamed(SERVICE, "alpha")))
+
+    assert _refs(manifests.load([path])) == ["Service shop/alpha", "Service shop/zeta"]
+
+
+# --- ManifestWatcher -------------------------------------------------------------------------
+
+
+def _settled(watcher: manifests.ManifestWatcher) -> manifests.ManifestWatcher:
+    watcher.changed()
+    return watcher
+
+
+def test_watcher_reports_a_change_on_the_first_call_only_while_nothing_changes(tmp_path: pathlib.Path) -> None:
+    _write(tmp_path / "web.yaml", SERVICE)
+    watcher = manifests.ManifestWatcher([tmp_path])
+
+    assert [watcher.changed(), watcher.changed(), watcher.changed()] == [True, False, False]
+
+
+def test_watcher_keeps_its_polling_interval() -> None:
+    assert manifests.ManifestWatcher([], interval=1.5).interval == 1.5
+
+
+def _rewrite_same_size(path: pathlib.Path) -> None:
+    stat = path.stat()
+    path.write_text(path.read_text().replace("web", "wep"))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+
+
+def _replace_by_rename(path: pathlib.Path) -> None:
+    stat = path.stat()
+    fresh = _write(path.with_name(".fresh"), path.read_text())
+    os.utime(fresh, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    fresh.replace(path)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda path: _write(path, SERVICE + "# grown\n"),
+        _rewrite_same_size,
+        _replace_by_rename,
+        lambda path: _write(path.parent / "slices" / "web.yaml", ENDPOINT_SLICE),
+        lambda path: path.unlink(),
+    ],
+    ids=["size", "mtime", "inode", "new-file", "removed-file"],
+)
+def test_watcher_reports_a_changed_file_signature(
+    tmp_path: pathlib.Path, change: Callable[[pathlib.Path], object]
+) -> None:
+    path = _write(tmp_path / "web.yaml", SERVICE)
+    watcher = _settled(manifests.ManifestWatcher([tmp_path]))
+
+    change(path)
+
+    assert (watcher.changed(), watcher.changed()) == (True, False)
+
+
+def test_watcher_ignores_files_that_are_not_manifests(tmp_path: pathlib.Path) -> None:
+    _write(tmp_path / "web.yaml", SERVICE)
+    watcher = _settled(manifests.ManifestWatcher([tmp_path]))
+
+    _write(tmp_path / "notes.txt", "hello")
+
+    assert watcher.changed() is False
+
+
+def test_watcher_reports_a_missing_path_appearing(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "web.yaml"
+    watcher = _settled(manifests.ManifestWatcher([path]))
+
+    _write(path, SERVICE)
+
+    assert watcher.changed() is True
