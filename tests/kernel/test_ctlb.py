@@ -1,0 +1,431 @@
+"""Connect-time load balancing, observed from real clients in lab pods with the real agent."""
+
+from __future__ import annotations
+
+import collections
+import errno
+import json
+import subprocess
+import threading
+import time
+
+import pytest
+
+from ctlb.lab import servers
+from tests.kernel import objects
+from tests.kernel.clients import http_requests, udp_exchange
+from tests.kernel.conftest import Cluster
+
+pytestmark = pytest.mark.kernel
+
+CLUSTER_IP = "10.96.0.10"
+CLUSTER_IP6 = "fd00:10:96::10"
+HTTP = [{"name": "http", "port": 80, "targetPort": "web"}]
+SLICE_HTTP = [{"name": "http", "port": 8080}]
+
+
+def web_backends(cluster: Cluster, count: int = 3, *, ipv6: bool = False) -> list:
+    pods = []
+    for i in range(count):
+        pod = cluster.lab.add_pod(f"web{i}", ipv4=True, ipv6=ipv6)
+        servers.start_http(pod, name=f"web{i}", port=8080)
+        pods.append(pod)
+    return pods
+
+
+def web_service(pods: list, *, cluster_ips: tuple[str, ...] = (CLUSTER_IP,), **kw) -> list[dict]:
+    objs = [objects.service("web", cluster_ips=list(cluster_ips), ports=HTTP, **kw)]
+    families = {":" in ip for ip in cluster_ips}
+    if False in families:
+        objs.append(objects.endpoint_slice("web", addresses=[str(p.ipv4) for p in pods], ports=SLICE_HTTP))
+    if True in families:
+        objs.append(objects.endpoint_slice("web", suffix="v6xyz", addresses=[str(p.ipv6) for p in pods],
+                                           ports=SLICE_HTTP))
+    return objs
+
+
+# --- TCP ----------------------------------------------------------------------------------------
+
+
+def test_tcp_to_cluster_ip_reaches_every_backend_roughly_evenly(cluster: Cluster) -> None:
+    pods = web_backends(cluster)
+    client = cluster.lab.add_pod("client")
+    cluster.write("web", web_service(pods))
+    cluster.start_agent()
+
+    answers = http_requests(client, CLUSTER_IP, 80, count=300)
+
+    counts = collections.Counter(a.get("backend") for a in answers)
+    assert set(counts) == {"web0", "web1", "web2"}, counts
+    assert min(counts.values()) >= 60, f"uneven spread over 300 connections: {counts}"
+
+
+def test_backend_sees_the_client_pods_own_address(cluster: Cluster) -> None:
+    pods = web_backends(cluster, 1)
+    client = cluster.lab.add_pod("client")
+    cluster.write("web", web_service(pods))
+    cluster.start_agent()
+
+    (answer,) = http_requests(client, CLUSTER_IP, 80)
+
+    assert answer["peer"] == str(client.ipv4), "no SNAT: the backend sees the client pod"
+
+
+def test_getpeername_returns_the_service_address(cluster: Cluster) -> None:
+    pods = web_backends(cluster, 1)
+    client = cluster.lab.add_pod("client")
+    cluster.write("web", web_service(pods))
+    cluster.start_agent()
+
+    (answer,) = http_requests(client, CLUSTER_IP, 80)
+
+    assert answer["getpeername"] == [CLUSTER_IP, 80]
+    assert answer["local"] == str(pods[0].ipv4), "yet the connection went to the backend"
+
+
+def test_curl_through_the_cluster_ip(cluster: Cluster) -> None:
+    pods = web_backends(cluster, 2)
+    client = cluster.lab.add_pod("client")
+    cluster.write("web", web_service(pods))
+    cluster.start_agent()
+
+    out = client.run(["curl", "--noproxy", "*", "-sS", "--max-time", "5", f"http://{CLUSTER_IP}/"], check=True)
+
+    assert json.loads(out.stdout)["backend"] in {"web0", "web1"}
+
+
+def test_service_without_endpoints_refuses_with_econnrefused(cluster: Cluster) -> None:
+    client = cluster.lab.add_pod("client")
+    cluster.write("web", [objects.service("web", cluster_ips=[CLUSTER_IP], ports=HTTP),
+                          objects.endpoint_slice("web", addresses=[], ports=SLICE_HTTP)])
+    cluster.start_agent()
+
+    (answer,) = http_requests(client, CLUSTER_IP, 80)
+
+    assert answer.get("errno") == errno.ECONNREFUSED, answer
+
+
+def test_not_ready_endpoints_get_no_connections(cluster: Cluster) -> None:
+    pods = web_backends(cluster, 2)
+    client = cluster.lab.add_pod("client")
+    objs = web_service(pods)
+    objs[1] = objects.endpoint_slice("web", addresses=[str(p.ipv4) for p in pods], ports=SLICE_HTTP,
+                                     not_ready=[str(pods[1].ipv4)])
+    cluster.write("web", objs)
+    cluster.start_agent()
+
+    answers = http_requests(client, CLUSTER_IP, 80, count=30)
+
+    assert {a["backend"] for a in answers} == {"web0"}
+
+
+def test_destination_that_is_no_frontend_is_left_alone(cluster: Cluster) -> None:
+    pods = web_backends(cluster, 2)
+    client = cluster.lab.add_pod("client")
+    cluster.write("web", web_service(pods))
+    cluster.start_agent()
+
+    answers = http_requests(client, str(pods[1].ipv4), 8080, count=10)
+
+    assert {a["backend"] for a in answers} == {"web1"}
+    assert {tuple(a["getpeername"]) for a in answers} == {(str(pods[1].ipv4), 8080)}
+
+
+def test_nodeport_on_the_node_address_from_the_node(cluster: Cluster) -> None:
+    pods = web_backends(cluster, 1)
+    node_ip = str(cluster.lab.node.ipv4)
+    svc = objects.service("web", cluster_ips=[CLUSTER_IP], type="NodePort",
+                          ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}])
+    cluster.write("web", [svc, objects.endpoint_slice("web", addresses=[str(pods[0].ipv4)], ports=SLICE_HTTP),
+                          objects.node("lab-node", addresses=[node_ip])])
+    cluster.start_agent()
+
+    (answer,) = http_requests(cluster.lab.node, node_ip, 30080)
+
+    assert answer["backend"] == "web0"
+    assert answer["getpeername"] == [node_ip, 30080]
+
+
+# --- UDP and DNS --------------------------------------------------------------------------------
+
+
+def dns_service(pods: list) -> list[dict]:
+    return [objects.service("dns", namespace="kube-system", cluster_ips=["10.96.0.53"],
+                            ports=[{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53}]),
+            objects.endpoint_slice("dns", namespace="kube-system", addresses=[str(p.ipv4) for p in pods],
+                                   ports=[{"name": "dns", "port": 53, "protocol": "UDP"}])]
+
+
+def test_dig_at_the_cluster_ip_gets_an_answer_from_a_dnsmasq_backend(cluster: Cluster) -> None:
+    pods = [cluster.lab.add_pod(f"dns{i}") for i in range(2)]
+    for i, pod in enumerate(pods):
+        servers.start_dnsmasq(pod, name=f"dns{i}")
+    client = cluster.lab.add_pod("client")
+    cluster.write("dns", dns_service(pods))
+    cluster.start_agent()
+
+    names = set()
+    for _ in range(12):
+        out = client.run(["dig", "@10.96.0.53", servers.DNS_WHOAMI, "TXT", "+short", "+time=2", "+tries=1"],
+                         check=True)
+        # dig warns ";; reply from unexpected source" when the reply is not from the Service address.
+        assert "unexpected source" not in out.stdout + out.stderr
+        names.add(out.stdout.strip().strip('"'))
+    assert names == {"dns0", "dns1"}
+
+
+@pytest.mark.parametrize("connected", [True, False], ids=["connected-udp", "unconnected-udp"])
+def test_udp_reply_comes_from_the_service_address(cluster: Cluster, connected: bool) -> None:
+    pod = cluster.lab.add_pod("echo0")
+    servers.start_udp(pod, name="echo0", port=5353)
+    client = cluster.lab.add_pod("client")
+    cluster.write("echo", [
+        objects.service("echo", cluster_ips=[CLUSTER_IP], ports=[{"name": "u", "port": 53, "protocol": "UDP"}]),
+        objects.endpoint_slice("echo", addresses=[str(pod.ipv4)], ports=[{"name": "u", "port": 5353, "protocol": "UDP"}]),
+    ])
+    cluster.start_agent()
+
+    answer = udp_exchange(client, CLUSTER_IP, 53, connected=connected)
+
+    assert answer["backend"] == "echo0"
+    assert answer["peer"] == str(client.ipv4)
+    assert answer["reply_from"] == [CLUSTER_IP, 53]
+
+
+def test_udp_to_a_service_without_endpoints_fails_and_sends_nothing(cluster: Cluster) -> None:
+    client = cluster.lab.add_pod("client")
+    cluster.write("echo", [
+        objects.service("echo", cluster_ips=[CLUSTER_IP], ports=[{"name": "u", "port": 53, "protocol": "UDP"}]),
+    ])
+    cluster.start_agent()
+    capture = cluster.lab.node.popen(["tcpdump", "-n", "-i", "br0", "-c", "1", "udp", "and", "host", CLUSTER_IP],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)  # tcpdump attaching
+        answer = udp_exchange(client, CLUSTER_IP, 53, connected=False)
+        time.sleep(0.3)
+    finally:
+        cluster.lab.node.kill(capture)
+    assert answer.get("errno") == errno.ECONNREFUSED, answer
+    assert capture.stdout is not None and capture.stdout.read() == b"", "a datagram went to the Service address"
+
+
+# --- IPv6 and dual-stack --------------------------------------------------------------------------
+
+
+def test_ipv6_service_reaches_ipv6_backends(cluster: Cluster) -> None:
+    pods = web_backends(cluster, 2, ipv6=True)
+    client = cluster.lab.add_pod("client", ipv6=True)
+    cluster.write("web", web_service(pods, cluster_ips=(CLUSTER_IP6,)))
+    cluster.start_agent()
+
+    answers = http_requests(client, CLUSTER_IP6, 80, count=40)
+
+    assert {a["backend"] for a in answers} == {"web0", "web1"}
+    assert {a["peer"] for a in answers} == {str(client.ipv6)}
+    assert {tuple(a["getpeername"][:2]) for a in answers} == {(CLUSTER_IP6, 80)}
+
+
+def test_dual_stack_service_answers_on_both_families(cluster: Cluster) -> None:
+    pods = web_backends(cluster, 2, ipv6=True)
+    client = cluster.lab.add_pod("client", ipv6=True)
+    cluster.write("web", web_service(pods, cluster_ips=(CLUSTER_IP, CLUSTER_IP6)))
+    cluster.start_agent()
+
+    v4 = http_requests(client, CLUSTER_IP, 80, count=20)
+    v6 = http_requests(client, CLUSTER_IP6, 80, count=20)
+
+    assert {a["local"] for a in v4} <= {str(p.ipv4) for p in pods}
+    assert {a["local"] for a in v6} <= {str(p.ipv6) for p in pods}
+    assert len(v4) == len(v6) == 20
+
+
+def test_ipv4_mapped_address_on_an_ipv6_socket_is_balanced_as_ipv4(cluster: Cluster) -> None:
+    pods = web_backends(cluster, 1)
+    client = cluster.lab.add_pod("client", ipv6=True)
+    cluster.write("web", web_service(pods))
+    cluster.start_agent()
+
+    (answer,) = http_requests(client, f"::ffff:{CLUSTER_IP}", 80, family="AF_INET6")
+
+    assert answer["backend"] == "web0"
+    assert answer["getpeername"] == [f"::ffff:{CLUSTER_IP}", 80]
+
+
+# --- session affinity ---------------------------------------------------------------------------
+
+
+def test_session_affinity_holds_a_client_to_one_backend(cluster: Cluster) -> None:
+    pods = web_backends(cluster)
+    client = cluster.lab.add_pod("client")
+    cluster.write("web", web_service(pods, affinity_timeout=600))
+    cluster.start_agent()
+
+    answers = http_requests(client, CLUSTER_IP, 80, count=40)
+
+    assert len({a["backend"] for a in answers}) == 1
+
+
+def test_session_affinity_expires_after_its_timeout(cluster: Cluster) -> None:
+    pods = web_backends(cluster)
+    client = cluster.lab.add_pod("client")
+    cluster.write("web", web_service(pods, affinity_timeout=1))
+    cluster.start_agent()
+
+    first = http_requests(client, CLUSTER_IP, 80)[0]["backend"]
+    seen = {first}
+    for _ in range(10):  # each pick after expiry is fresh: all 10 equal has odds (1/3)^10
+        time.sleep(1.3)
+        seen.add(http_requests(client, CLUSTER_IP, 80)[0]["backend"])
+        if len(seen) > 1:
+            break
+    assert len(seen) > 1, "affinity never expired"
+
+
+# --- changes, restarts, bad input -----------------------------------------------------------------
+
+
+def test_endpoint_removed_and_added_is_followed_within_a_second(cluster: Cluster) -> None:
+    pods = web_backends(cluster, 3)
+    client = cluster.lab.add_pod("client")
+    cluster.write("web", web_service(pods[:2]))
+    cluster.start_agent()
+    assert {a["backend"] for a in http_requests(client, CLUSTER_IP, 80, count=30)} == {"web0", "web1"}
+
+    for target in (pods[1:], pods[:1]):  # web0 removed, web2 added; then only web0
+        written = time.monotonic()
+        cluster.write("web", web_service(target))
+        want = {p.name for p in target}
+        while True:
+            got = {a["backend"] for a in http_requests(client, CLUSTER_IP, 80, count=10)}
+            if got <= want:
+                break
+            assert time.monotonic() - written < 1.0, f"still {got} 1 s after the change"
+        assert time.monotonic() - written < 1.5
+
+
+def test_agent_killed_and_restarted_drops_no_connection(cluster: Cluster) -> None:
+    pods = web_backends(cluster, 2)
+    client = cluster.lab.add_pod("client")
+    cluster.write("web", web_service(pods))
+    cluster.start_agent()
+    results: list[list[dict]] = []
+
+    def connect_loop() -> None:
+        results.append(http_requests(client, CLUSTER_IP, 80, count=1500))
+
+    loop = threading.Thread(target=connect_loop)
+    loop.start()
+    time.sleep(0.3)
+    assert cluster.kill_agent(9) == -9
+    cluster.start_agent()  # compiles, swaps programs in, adopts the maps
+    loop.join(timeout=120)
+
+    answers = results[0]
+    failed = [a for a in answers if "errno" in a]
+    assert not failed, f"{len(failed)} of {len(answers)} connections failed: {failed[:3]}"
+    assert cluster.state().in_sync
+
+
+def test_bad_objects_are_named_and_good_ones_served(cluster: Cluster) -> None:
+    pods = web_backends(cluster, 1)
+    client = cluster.lab.add_pod("client")
+    bad_ip = objects.service("bad-ip", cluster_ips=["10.96.0.300"], ports=HTTP)
+    bad_port = objects.service("bad-port", cluster_ips=["10.96.0.12"], ports=[{"name": "http", "port": 70000}])
+    cluster.write("web", [bad_ip, *web_service(pods), bad_port, {"apiVersion": "v1", "kind": "Gizmo",
+                                                                  "metadata": {"name": "g"}}])
+    cluster.start_agent()
+
+    (answer,) = http_requests(client, CLUSTER_IP, 80)
+    status = json.loads(cluster.ctlb("status", "--json", check=False).stdout)
+
+    assert answer["backend"] == "web0"
+    named = {p["object"] for p in status["problems"]}
+    assert {"Service default/bad-ip", "Service default/bad-port"} <= named
+    assert any("Gizmo" in p["object"] or "Gizmo" in p["reason"] for p in status["problems"])
+    logged = {e.get("object") for e in cluster.log_events() if e.get("event") == "object_not_served"}
+    assert "Service default/bad-ip" in logged
+    assert status["in_sync"], "bad objects do not make the valid state out of sync"
+
+
+def test_object_turned_invalid_keeps_what_was_programmed(cluster: Cluster) -> None:
+    pods = web_backends(cluster, 1)
+    client = cluster.lab.add_pod("client")
+    cluster.write("web", web_service(pods))
+    st = cluster.start_agent() or cluster.state()
+    broken = web_service(pods)
+    broken[0]["spec"]["ports"][0]["port"] = 0
+    cluster.write("web", broken)
+    cluster.wait_synced(after=st.syncs)
+
+    (answer,) = http_requests(client, CLUSTER_IP, 80)
+
+    assert answer.get("backend") == "web0"
+    assert any(p["object"] == "Service default/web" for p in cluster.state().problems)
+
+
+def test_full_frontend_map_is_reported_and_the_rest_served(cluster: Cluster) -> None:
+    pods = web_backends(cluster, 1)
+    client = cluster.lab.add_pod("client")
+    objs = []
+    for i in range(4):
+        objs += [objects.service(f"s{i}", cluster_ips=[f"10.96.1.{i + 1}"], ports=HTTP),
+                 objects.endpoint_slice(f"s{i}", addresses=[str(pods[0].ipv4)], ports=SLICE_HTTP)]
+    cluster.write("many", objs)
+    cluster.start_agent("--max-frontends", "3")
+
+    served = [http_requests(client, f"10.96.1.{i + 1}", 80)[0] for i in range(3)]
+    problems = cluster.state().problems
+
+    assert all(a.get("backend") == "web0" for a in served)
+    assert [p["object"] for p in problems] == ["Service default/s3"]
+    assert "ctlb_fe4 is full" in problems[0]["reason"]
+
+
+# --- CLI and uninstall --------------------------------------------------------------------------
+
+
+def test_status_is_in_sync_and_services_lists_frontends(cluster: Cluster) -> None:
+    pods = web_backends(cluster, 2)
+    cluster.write("web", web_service(pods))
+    cluster.start_agent()
+
+    status = cluster.ctlb("status")
+    rows = json.loads(cluster.ctlb("services", "--json").stdout)
+
+    assert status.returncode == 0 and "In sync:     yes" in status.stdout
+    assert rows == [{"frontend": f"{CLUSTER_IP}:80/TCP", "kind": "ClusterIP",
+                     "service": "default/web:http/TCP/IPv4", "svc_id": rows[0]["svc_id"],
+                     "backends": sorted(f"{p.ipv4}:8080" for p in pods), "affinity_timeout": None}]
+
+
+def test_status_fails_when_the_maps_differ_from_the_source(cluster: Cluster) -> None:
+    pods = web_backends(cluster, 1)
+    cluster.write("web", web_service(pods))
+    cluster.start_agent()
+    fe_pin = cluster.bpffs / "ctlb_fe4"
+    subprocess.run(["bpftool", "map", "delete", "pinned", str(fe_pin), "key", "hex",
+                    "0a 60 00 0a 00 50 06 00"], check=True, capture_output=True)
+
+    status = cluster.ctlb("status", check=False)
+
+    assert status.returncode == 1
+    assert "differ" in status.stdout
+
+
+def test_uninstall_removes_programs_and_pins_and_the_service_stops_answering(cluster: Cluster) -> None:
+    pods = web_backends(cluster, 1)
+    client = cluster.lab.add_pod("client")
+    cluster.write("web", web_service(pods))
+    cluster.start_agent()
+    assert http_requests(client, CLUSTER_IP, 80)[0]["backend"] == "web0"
+    cluster.kill_agent(15)
+
+    cluster.ctlb("uninstall")
+
+    (answer,) = http_requests(client, CLUSTER_IP, 80)
+    assert "errno" in answer, "the Service address still answers"
+    assert not cluster.bpffs.exists()
+    tree = subprocess.run(["bpftool", "cgroup", "show", str(cluster.lab.cgroup_root)],
+                          capture_output=True, text=True, check=True)
+    assert tree.stdout.strip() == "", f"programs still attached:\n{tree.stdout}"
