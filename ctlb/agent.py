@@ -13,7 +13,7 @@ import structlog
 
 from ctlb import datapath, desired, model, semantics, statefile
 from ctlb.datapath import reconcile
-from ctlb.sources import manifests
+from ctlb.sources import lastgood, manifests
 
 log = structlog.get_logger()
 
@@ -35,12 +35,15 @@ class ManifestSource:
     def __init__(self, paths: Sequence[pathlib.Path], *, interval: float) -> None:
         self.paths = tuple(paths)
         self._watcher = manifests.ManifestWatcher(self.paths, interval=interval)
+        self._last_good = lastgood.LastGood()
 
     def describe(self) -> str:
         return "manifests:" + ",".join(str(p) for p in self.paths)
 
     def poll(self) -> model.Snapshot | None:
-        return manifests.load(self.paths) if self._watcher.changed() else None
+        if not self._watcher.changed():
+            return None
+        return self._last_good.merge(manifests.load(self.paths))
 
 
 def _now() -> str:

@@ -194,20 +194,20 @@ def test_udp_reply_comes_from_the_service_address(cluster: Cluster, connected: b
 
 def test_udp_to_a_service_without_endpoints_fails_and_sends_nothing(cluster: Cluster) -> None:
     client = cluster.lab.add_pod("client")
+    # A catcher: the node owns the Service address and echoes on it, so a datagram that leaked
+    # out untranslated would be answered.
+    cluster.lab.node.run(["ip", "addr", "add", f"{CLUSTER_IP}/32", "dev", "lo"], check=True)
+    servers.start_udp(cluster.lab.node, name="leak", port=53, bind=CLUSTER_IP)
     cluster.write("echo", [
         objects.service("echo", cluster_ips=[CLUSTER_IP], ports=[{"name": "u", "port": 53, "protocol": "UDP"}]),
     ])
     cluster.start_agent()
-    capture = cluster.lab.node.popen(["tcpdump", "-n", "-i", "br0", "-c", "1", "udp", "and", "host", CLUSTER_IP],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.5)  # tcpdump attaching
-        answer = udp_exchange(client, CLUSTER_IP, 53, connected=False)
-        time.sleep(0.3)
-    finally:
-        cluster.lab.node.kill(capture)
-    assert answer.get("errno") == errno.ECONNREFUSED, answer
-    assert capture.stdout is not None and capture.stdout.read() == b"", "a datagram went to the Service address"
+
+    unconnected = udp_exchange(client, CLUSTER_IP, 53, connected=False)
+    connected = udp_exchange(client, CLUSTER_IP, 53, connected=True)
+
+    assert unconnected.get("errno") == errno.ECONNREFUSED, unconnected
+    assert connected.get("errno") == errno.ECONNREFUSED, connected
 
 
 # --- IPv6 and dual-stack --------------------------------------------------------------------------
@@ -352,7 +352,8 @@ def test_object_turned_invalid_keeps_what_was_programmed(cluster: Cluster) -> No
     pods = web_backends(cluster, 1)
     client = cluster.lab.add_pod("client")
     cluster.write("web", web_service(pods))
-    st = cluster.start_agent() or cluster.state()
+    cluster.start_agent()
+    st = cluster.state()
     broken = web_service(pods)
     broken[0]["spec"]["ports"][0]["port"] = 0
     cluster.write("web", broken)
@@ -404,8 +405,9 @@ def test_status_fails_when_the_maps_differ_from_the_source(cluster: Cluster) -> 
     cluster.write("web", web_service(pods))
     cluster.start_agent()
     fe_pin = cluster.bpffs / "ctlb_fe4"
-    subprocess.run(["bpftool", "map", "delete", "pinned", str(fe_pin), "key", "hex",
-                    "0a 60 00 0a 00 50 06 00"], check=True, capture_output=True)
+    key = "0a 60 00 0a 00 50 06 00".split()  # 10.96.0.10, port 80, TCP: struct lb4_key
+    subprocess.run(["bpftool", "map", "delete", "pinned", str(fe_pin), "key", "hex", *key],
+                   check=True, capture_output=True)
 
     status = cluster.ctlb("status", check=False)
 
