@@ -1,0 +1,156 @@
+"""`python -m ctlb.demo`: builds a lab node with pods, runs `ctlb agent` on the shipped manifests,
+sends requests to the Service addresses, prints which backend answered each, and cleans up.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+import yaml
+
+from ctlb import lab as ctlb_lab, statefile
+from ctlb.lab import servers
+
+MANIFESTS = pathlib.Path(__file__).parent / "manifests" / "demo.yaml"
+WEB_PODS = ("web-0", "web-1", "web-2")
+DNS_PODS = ("dns-0", "dns-1")
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def ctlb(*args: str, run_dir: pathlib.Path, bpffs: pathlib.Path) -> str:
+    out = subprocess.run([sys.executable, "-m", "ctlb.cli.main", *args, "--bpffs", str(bpffs),
+                          "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=60)
+    return out.stdout + out.stderr
+
+
+def curl(place: ctlb_lab.Place, url: str) -> str:
+    out = place.run(["curl", "--noproxy", "*", "-sS", "--max-time", "3", url], timeout=10)
+    if out.returncode != 0:
+        return f"failed: {out.stderr.strip()}"
+    body = json.loads(out.stdout)
+    return f"{body['backend']}  (it saw the client as {body['peer']})"
+
+
+def build_pods(the_lab: ctlb_lab.Lab) -> ctlb_lab.Pod:
+    for name in WEB_PODS:
+        pod = the_lab.add_pod(name, namespace="shop", ipv6=True)
+        servers.start_http(pod, name=name, port=8080)
+    for name in DNS_PODS:
+        pod = the_lab.add_pod(name, namespace="kube-system")
+        servers.start_dnsmasq(pod, name=name)
+    client = the_lab.add_pod("client", namespace="shop", ipv6=True)
+    want = {"web-0": "10.244.0.2", "web-1": "10.244.0.3", "web-2": "10.244.0.4", "dns-0": "10.244.0.5",
+            "dns-1": "10.244.0.6"}
+    got = {name: str(pod.ipv4) for name, pod in the_lab.pods.items() if name in want}
+    if got != want:
+        raise SystemExit(f"demo: pods got {got}, the manifests expect {want}")
+    return client
+
+
+def wait_for_sync(run_dir: pathlib.Path, agent: subprocess.Popen[bytes], *, after: int) -> statefile.AgentState:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if agent.poll() is not None:
+            raise SystemExit(f"demo: the agent exited with {agent.returncode}")
+        st = statefile.read(run_dir)
+        if st is not None and st.pid == agent.pid and st.syncs > after:
+            return st
+        time.sleep(0.05)
+    raise SystemExit("demo: the agent did not sync within 30 s")
+
+
+def spread(client: ctlb_lab.Pod, url: str, count: int) -> dict[str, int]:
+    seen: collections.Counter[str] = collections.Counter()
+    for _ in range(count):
+        seen[curl(client, url).split()[0]] += 1
+    return dict(sorted(seen.items()))
+
+
+def drop_endpoint(manifest: pathlib.Path, address: str) -> None:
+    docs = list(yaml.safe_load_all(manifest.read_text()))
+    for doc in docs:
+        if doc.get("kind") == "EndpointSlice":
+            doc["endpoints"] = [e for e in doc["endpoints"] if address not in e["addresses"]]
+    tmp = manifest.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    os.replace(tmp, manifest)
+
+
+def demo(the_lab: ctlb_lab.Lab, work: pathlib.Path, bpffs: pathlib.Path) -> None:
+    run_dir = work / "run"
+    manifests = work / "manifests"
+    manifests.mkdir()
+    manifest = manifests / "demo.yaml"
+    shutil.copy(MANIFESTS, manifest)
+
+    say("== building a lab node: pods web-0..2 (HTTP), dns-0..1 (dnsmasq), client ==")
+    client = build_pods(the_lab)
+    say(f"   node {the_lab.node.ipv4}, client pod {client.ipv4} / {client.ipv6}")
+
+    say(f"== starting: ctlb agent --manifests {manifests} --cgroup {the_lab.cgroup_root} ==")
+    log = (work / "agent.log").open("wb")
+    agent = subprocess.Popen([sys.executable, "-m", "ctlb.cli.main", "agent", "--manifests", str(manifests),
+                              "--node-name", "demo-node", "--cgroup", str(the_lab.cgroup_root),
+                              "--bpffs", str(bpffs), "--run-dir", str(run_dir), "--log-json"],
+                             stdout=log, stderr=log)
+    try:
+        st = wait_for_sync(run_dir, agent, after=0)
+        say()
+        say(ctlb("services", run_dir=run_dir, bpffs=bpffs))
+
+        say("== TCP to the ClusterIP from the client pod: each connection balanced at connect() ==")
+        for _ in range(6):
+            say(f"   curl http://10.96.0.10/          -> {curl(client, 'http://10.96.0.10/')}")
+        say(f"   curl http://[fd00:10:96::10]/   -> {curl(client, 'http://[fd00:10:96::10]/')}")
+        say(f"   from the node, NodePort 10.244.0.1:30080 -> {curl(the_lab.node, 'http://10.244.0.1:30080/')}")
+        say(f"   30 connections spread: {spread(client, 'http://10.96.0.10/', 30)}")
+
+        say("== DNS over UDP to the kube-dns ClusterIP (replies come back from 10.96.0.53) ==")
+        for _ in range(4):
+            out = client.run(["dig", "@10.96.0.53", servers.DNS_WHOAMI, "TXT", "+short", "+time=2", "+tries=1"])
+            say(f"   dig @10.96.0.53 {servers.DNS_WHOAMI} TXT -> {out.stdout.strip() or out.stderr.strip()}")
+
+        say("== a Service with no endpoints is refused, like kube-proxy's REJECT ==")
+        say(f"   curl http://10.96.0.20/          -> {curl(client, 'http://10.96.0.20/')}")
+
+        say("== removing web-2 from the EndpointSlice: the agent reloads the file ==")
+        drop_endpoint(manifest, "10.244.0.4")
+        changed = time.monotonic()
+        wait_for_sync(run_dir, agent, after=st.syncs)
+        say(f"   programmed {1000 * (time.monotonic() - changed):.0f} ms after the file changed")
+        say(f"   30 connections spread: {spread(client, 'http://10.96.0.10/', 30)}")
+        say()
+        say(ctlb("status", run_dir=run_dir, bpffs=bpffs))
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=10)
+        say("== cleaning up: ctlb uninstall, pods, namespaces, cgroups ==")
+        say("   " + ctlb("uninstall", run_dir=run_dir, bpffs=bpffs).strip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    if os.geteuid() != 0:
+        print("the demo needs root: it makes network namespaces, cgroups and BPF programs", file=sys.stderr)
+        return 1
+    ctlb_lab.sweep()
+    with tempfile.TemporaryDirectory(prefix="ctlb-demo-") as tmp, ctlb_lab.Lab() as the_lab:
+        demo(the_lab, pathlib.Path(tmp), pathlib.Path("/sys/fs/bpf") / f"{the_lab.prefix}-demo")
+    say("== done ==")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
