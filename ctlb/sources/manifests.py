@@ -19,6 +19,9 @@ from ctlb import errors, kubeobjects, model
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
+# libyaml's C loader parses ~10x faster than the pure-Python one: it matters at 10k objects.
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 # (path, mtime_ns, size, inode) of each manifest file; None stats mark a path that is missing.
 _FileSignature = tuple[str, int | None, int | None, int | None]
 
@@ -145,7 +148,7 @@ def _decode_yaml(path: pathlib.Path, text: str) -> _Decoded:
     documents: list[object] = []
     try:
         # Documents before a syntax error are kept: one bad edit must not withdraw a whole file.
-        for document in yaml.safe_load_all(text):
+        for document in yaml.load_all(text, Loader=_SAFE_LOADER):
             documents.append(document)
     except yaml.YAMLError as error:
         return _Decoded(tuple(documents), _file_problem(path, _yaml_reason(error)))
