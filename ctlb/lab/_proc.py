@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ctlb.lab import errors
+from ctlb.statefile import pid_alive  # one definition, shared with the CLI
 
 _WAIT_AFTER_KILL_S = 5.0
 
@@ -35,14 +36,6 @@ def check_output(argv: Sequence[str], *, stdin_text: str | None = None) -> str:
     return done.stdout
 
 
-def pid_alive(pid: int) -> bool:
-    """Tell whether a process with this pid exists (zombies count as alive until reaped)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

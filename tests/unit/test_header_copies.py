@@ -1,0 +1,46 @@
+"""The few constants Python must copy from C are checked against their source, so they cannot drift."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from ctlb.datapath import maps, programs, tables
+
+
+def _header() -> str:
+    return (maps.bpf_source_dir() / "ctlb.h").read_text()
+
+
+def test_frontend_flags_match_enum_lb_flags_in_the_header() -> None:
+    enum = re.search(r"enum lb_flags \{(.*?)\};", _header(), re.S)
+    assert enum is not None
+    values = {name: 1 << int(bit) for name, bit in re.findall(r"(LB_F_\w+)\s*=\s*1\s*<<\s*(\d+)", enum[1])}
+    assert values == {"LB_F_AFFINITY": tables.LB_F_AFFINITY}
+
+
+def test_every_map_the_header_declares_is_known_to_python() -> None:
+    declared = set(re.findall(r"^CTLB_MAP\([^;]*?,\s*(ctlb_\w+),", _header(), re.M))
+    assert declared == set(maps.ALL_MAPS)
+
+
+def test_attach_types_match_the_kernel_uapi_numbers_bcc_carries() -> None:
+    bcc = pytest.importorskip("bcc")
+    kernel = bcc.BPFAttachType
+    assert {h.program: h.attach_type for h in programs.HOOKS} == {
+        "ctlb_connect4": kernel.CGROUP_INET4_CONNECT,
+        "ctlb_sendmsg4": kernel.CGROUP_UDP4_SENDMSG,
+        "ctlb_recvmsg4": kernel.CGROUP_UDP4_RECVMSG,
+        "ctlb_getpeer4": kernel.CGROUP_INET4_GETPEERNAME,
+        "ctlb_connect6": kernel.CGROUP_INET6_CONNECT,
+        "ctlb_sendmsg6": kernel.CGROUP_UDP6_SENDMSG,
+        "ctlb_recvmsg6": kernel.CGROUP_UDP6_RECVMSG,
+        "ctlb_getpeer6": kernel.CGROUP_INET6_GETPEERNAME,
+    }
+
+
+def test_every_hook_names_an_entry_point_in_sock_c() -> None:
+    source = (maps.bpf_source_dir() / "sock.c").read_text()
+    for hook in programs.HOOKS:
+        assert re.search(rf"^int {hook.program}\(struct bpf_sock_addr \*ctx\)", source, re.M), hook.program
