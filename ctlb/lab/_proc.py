@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from ctlb.lab import errors
-from ctlb.statefile import pid_alive  # one definition, shared with the CLI
 
 _WAIT_AFTER_KILL_S = 5.0
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctlb import statefile
 from ctlb.lab import _proc, cgroups, errors, netns
 
 FAMILY = "ctlbt"
@@ -452,7 +453,7 @@ def sweep(prefix_glob: str = f"{FAMILY}*") -> list[str]:
 
 def _orphaned(name: str) -> bool:
     match = _PREFIX_RE.match(name)
-    return match is not None and not _proc.pid_alive(int(match[1]))
+    return match is not None and not statefile.pid_alive(int(match[1]))
 
 
 def _check_pod_name(name: str, *, taken: Collection[str]) -> None:
