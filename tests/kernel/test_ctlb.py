@@ -146,6 +146,24 @@ def test_nodeport_on_the_node_address_from_the_node(cluster: Cluster) -> None:
     assert answer["getpeername"] == [node_ip, 30080]
 
 
+@pytest.mark.parametrize("field", ["external_ips", "lb_ips"], ids=["externalIP", "loadBalancer-ingress"])
+def test_external_and_load_balancer_addresses_are_frontends_too(cluster: Cluster, field: str) -> None:
+    pods = web_backends(cluster, 1)
+    client = cluster.lab.add_pod("client")
+    extra = "10.97.0.10"
+    kind = {"type": "LoadBalancer"} if field == "lb_ips" else {}
+    objs = [objects.service("web", cluster_ips=[CLUSTER_IP], **{field: [extra]}, **kind,
+                            ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30081}]),
+            objects.endpoint_slice("web", addresses=[str(pods[0].ipv4)], ports=SLICE_HTTP)]
+    cluster.write("web", objs)
+    cluster.start_agent()
+
+    (answer,) = http_requests(client, extra, 80)
+
+    assert answer["backend"] == "web0"
+    assert answer["getpeername"] == [extra, 80]
+
+
 # --- UDP and DNS --------------------------------------------------------------------------------
 
 
@@ -421,7 +439,8 @@ def test_uninstall_removes_programs_and_pins_and_the_service_stops_answering(clu
     cluster.write("web", web_service(pods))
     cluster.start_agent()
     assert http_requests(client, CLUSTER_IP, 80)[0]["backend"] == "web0"
-    cluster.kill_agent(15)
+    assert cluster.kill_agent(15) == 0
+    assert http_requests(client, CLUSTER_IP, 80)[0]["backend"] == "web0", "SIGTERM leaves the datapath"
 
     cluster.ctlb("uninstall")
 
