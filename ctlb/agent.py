@@ -6,6 +6,7 @@ import datetime
 import os
 import pathlib
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -65,18 +66,25 @@ class Agent:
             cgroup=str(config.cgroup), bpffs=str(config.bpffs), started=_now(),
         )
 
-    def sync(self, snapshot: model.Snapshot) -> None:
+    def sync(self, snapshot: model.Snapshot, *, read_ms: float = 0.0) -> None:
         """Programs one snapshot of the source and records the result."""
+        started = time.perf_counter()
         node = _this_node(snapshot, self.config.node_name)
         state = semantics.desired_state(services=snapshot.services,
                                         endpoint_slices=snapshot.endpoint_slices, node=node)
+        decided = time.perf_counter()
         outcome = self.datapath.apply(state)
+        programmed = time.perf_counter()
         problems = sorted({*snapshot.problems, *state.problems, *outcome.problems})
         self._report(problems)
         self._record(state, outcome, problems)
+        timings = {"read_ms": round(read_ms, 3), "semantics_ms": round(1000 * (decided - started), 3),
+                   "program_ms": round(1000 * (programmed - decided), 3)}
+        self.state.last_sync_timings = timings
+        statefile.write(self.config.run_dir, self.state)
         log.info("synced", services=len(snapshot.services), service_ports=len(state.service_ports),
                  frontends=state.frontend_count(), writes=outcome.writes, deletes=outcome.deletes,
-                 problems=len(problems), in_sync=self.state.in_sync)
+                 problems=len(problems), in_sync=self.state.in_sync, **timings)
 
     def _report(self, problems: Sequence[model.Problem]) -> None:
         """Logs each problem once, when it appears, and says when it is gone."""
@@ -100,13 +108,13 @@ class Agent:
         st.services = {str(i): str(n) for i, n in sorted(self.datapath.reconciler.service_of.items())}
         st.frontend_kinds = {str(fe): str(kind) for sp in state.service_ports.values()
                              for fe, kind in sp.frontends.items()}
-        statefile.write(self.config.run_dir, st)
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
+            started = time.perf_counter()
             snapshot = self.source.poll()
             if snapshot is not None:
-                self.sync(snapshot)
+                self.sync(snapshot, read_ms=1000 * (time.perf_counter() - started))
             stop.wait(self.config.interval)
 
 

@@ -25,6 +25,7 @@ class AgentState:
     started: str
     last_sync: str | None = None
     syncs: int = 0
+    last_sync_timings: dict[str, float] = field(default_factory=dict)  # read, semantics, program (ms)
     desired_digest: str = ""
     desired_frontends: int = 0
     in_sync: bool = False

@@ -32,6 +32,9 @@ _LIB.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
 _LIB.bpf_link_update.argtypes = [ct.c_int, ct.c_int, ct.c_void_p]
 _LIB.bpf_link_detach.argtypes = [ct.c_int]
 _LIB.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
+_LIB.bpf_enable_stats.argtypes = [ct.c_int]
+
+BPF_STATS_RUN_TIME = 0
 
 
 class BpfError(OSError):
@@ -184,6 +187,12 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
 def link_update(link_fd: int, prog_fd: int) -> None:
     """Swaps the program behind a link in one step: no moment with both or neither attached."""
     _check(_LIB.bpf_link_update(link_fd, prog_fd, None), "link update")
+
+
+def enable_stats() -> int:
+    """Turns on per-program run time and count accounting while the returned fd is open: no
+    global sysctl to restore, and it ends with the process even if the process is killed."""
+    return _check(_LIB.bpf_enable_stats(BPF_STATS_RUN_TIME), "enable BPF run-time stats")
 
 
 def link_detach(link_fd: int) -> None:
