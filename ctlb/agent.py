@@ -36,6 +36,7 @@ class ManifestSource:
     def __init__(self, paths: Sequence[pathlib.Path], *, interval: float) -> None:
         self.paths = tuple(paths)
         self._watcher = manifests.ManifestWatcher(self.paths, interval=interval)
+        self._reader = manifests.ManifestReader(self.paths)
         self._last_good = lastgood.LastGood()
 
     def describe(self) -> str:
@@ -44,7 +45,7 @@ class ManifestSource:
     def poll(self) -> model.Snapshot | None:
         if not self._watcher.changed():
             return None
-        return self._last_good.merge(manifests.load(self.paths))
+        return self._last_good.merge(self._reader.read())
 
 
 def _now() -> str:

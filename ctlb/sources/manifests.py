@@ -45,15 +45,51 @@ def load(paths: Sequence[pathlib.Path]) -> model.Snapshot:
         name replaces the earlier one), and a problem for each unreadable path, undecodable file
         and invalid object.
     """
-    files, problems = _manifest_files(paths)
-    objects: dict[model.ObjectRef, model.KubeObject] = {}
-    for path in files:
+    return ManifestReader(paths).read()
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """One file's objects, in document order, and its problems."""
+
+    signature: _FileSignature
+    objects: tuple[model.KubeObject, ...]
+    problems: tuple[model.Problem, ...]
+
+
+class ManifestReader:
+    """Reads the manifests again and again, decoding only the files that changed.
+
+    An unchanged file's objects are handed on as the very same values, so later stages can
+    tell by identity what did not change.
+    """
+
+    def __init__(self, paths: Sequence[pathlib.Path]) -> None:
+        self.paths = tuple(paths)
+        self._files: dict[pathlib.Path, _Parsed] = {}
+
+    def read(self) -> model.Snapshot:
+        files, problems = _manifest_files(self.paths)
+        self._files = {path: self._parsed(path) for path in files}
+        objects: dict[model.ObjectRef, model.KubeObject] = {}
+        for parsed in self._files.values():
+            objects.update((obj.ref, obj) for obj in parsed.objects)
+            problems.extend(parsed.problems)
+        return _snapshot(objects.values(), problems=problems)
+
+    def _parsed(self, path: pathlib.Path) -> _Parsed:
+        signature = _file_signature(path)
+        cached = self._files.get(path)
+        if cached is not None and cached.signature == signature and signature[1] is not None:
+            return cached
         decoded = _decode(path)
+        into: dict[model.ObjectRef, model.KubeObject] = {}
+        problems: list[model.Problem] = []
         for index, document in enumerate(decoded.documents):
-            problems.extend(_add_objects(document, into=objects, source=path, index=index))
+            problems.extend(_add_objects(document, into=into, source=path, index=index))
         if decoded.problem is not None:
             problems.append(decoded.problem)
-    return _snapshot(objects.values(), problems=problems)
+        return _Parsed(signature=signature, objects=tuple(into.values()), problems=tuple(problems))
 
 
 class ManifestWatcher:
@@ -109,15 +145,17 @@ def _files_under(folder: pathlib.Path) -> list[pathlib.Path]:
 def _signature(paths: Sequence[pathlib.Path]) -> tuple[_FileSignature, ...]:
     files, problems = _manifest_files(paths)
     signature: list[_FileSignature] = [(problem.ref, None, None, None) for problem in problems]
-    for path in files:
-        try:
-            stat = path.stat()
-        except OSError:
-            # Removed between listing and stat: it counts as missing; the next call sees it settled.
-            signature.append((str(path), None, None, None))
-            continue
-        signature.append((str(path), stat.st_mtime_ns, stat.st_size, stat.st_ino))
+    signature.extend(_file_signature(path) for path in files)
     return tuple(signature)
+
+
+def _file_signature(path: pathlib.Path) -> _FileSignature:
+    try:
+        stat = path.stat()
+    except OSError:
+        # Removed between listing and stat: it counts as missing; the next call sees it settled.
+        return (str(path), None, None, None)
+    return (str(path), stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
 # --- decoding --------------------------------------------------------------------------------

@@ -366,3 +366,18 @@ def test_watcher_reports_a_missing_path_appearing(tmp_path: pathlib.Path) -> Non
     _write(path, SERVICE)
 
     assert watcher.changed() is True
+
+
+def test_reader_hands_on_unchanged_files_objects_as_the_same_values(tmp_path: pathlib.Path) -> None:
+    """Later stages skip work by identity: an untouched file must not be decoded again."""
+    a = tmp_path / "a.yaml"
+    b = tmp_path / "b.yaml"
+    a.write_text(SERVICE)
+    b.write_text(SERVICE.replace("name: web", "name: other"))
+    reader = manifests.ManifestReader([tmp_path])
+    first = {s.name: s for s in reader.read().services}
+    b.write_text(SERVICE.replace("name: web", "name: other").replace("10.96.12.34", "10.96.12.35"))
+    second = {s.name: s for s in reader.read().services}
+    assert second["web"] is first["web"]
+    assert second["other"] is not first["other"]
+    assert str(second["other"].cluster_ips[0]) == "10.96.12.35"
