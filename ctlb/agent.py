@@ -62,6 +62,7 @@ class Agent:
         self.source = source
         self.datapath = dp
         self._reported: set[model.Problem] = set()
+        self._memo = semantics.Memo()
         self.state = statefile.AgentState(
             pid=os.getpid(), node=config.node_name, source=source.describe(),
             cgroup=str(config.cgroup), bpffs=str(config.bpffs), started=_now(),
@@ -71,8 +72,8 @@ class Agent:
         """Programs one snapshot of the source and records the result."""
         started = time.perf_counter()
         node = _this_node(snapshot, self.config.node_name)
-        state = semantics.desired_state(services=snapshot.services,
-                                        endpoint_slices=snapshot.endpoint_slices, node=node)
+        state = semantics.desired_state(services=snapshot.services, endpoint_slices=snapshot.endpoint_slices,
+                                        node=node, memo=self._memo)
         decided = time.perf_counter()
         outcome = self.datapath.apply(state)
         programmed = time.perf_counter()

@@ -34,11 +34,56 @@ class _Candidate:
     endpoint: model.Endpoint
 
 
+class Memo:
+    """Remembers each Service's service-port states, keyed by the identity of its inputs.
+
+    Sources hand on unchanged objects as the same values, so a Service whose object, slices and
+    node are the very same objects as last time gets last time's states without recomputing:
+    one changed EndpointSlice costs one Service, not all of them. The result never depends on
+    the memo, only the work does.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], _MemoEntry] = {}
+        self._next: dict[tuple[str, str], _MemoEntry] = {}
+
+    def states(
+        self,
+        service: model.Service,
+        *,
+        slices: Sequence[model.EndpointSlice],
+        node: model.Node | None,
+    ) -> list[desired.ServicePortState]:
+        key = (service.namespace, service.name)
+        entry = self._entries.get(key)
+        if entry is None or not entry.matches(service, slices, node):
+            entry = _MemoEntry(service, tuple(slices), node, _service_port_states(service, slices=slices, node=node))
+        self._next[key] = entry
+        return entry.states
+
+    def rotate(self) -> None:
+        """Forgets the Services the last pass did not ask about (deleted ones)."""
+        self._entries, self._next = self._next, {}
+
+
+@dataclass(frozen=True, slots=True)
+class _MemoEntry:
+    service: model.Service
+    slices: tuple[model.EndpointSlice, ...]
+    node: model.Node | None
+    states: list[desired.ServicePortState]
+
+    def matches(self, service: model.Service, slices: Sequence[model.EndpointSlice], node: model.Node | None) -> bool:
+        return (self.service is service and self.node is node and len(self.slices) == len(slices)
+                and all(a is b for a, b in zip(self.slices, slices)))
+
+
 def desired_state(
     *,
     services: Iterable[model.Service],
     endpoint_slices: Iterable[model.EndpointSlice],
     node: model.Node | None,
+    memo: Memo | None = None,
 ) -> desired.DesiredState:
     """Apply kube-proxy's rules to what the source holds.
 
@@ -46,6 +91,7 @@ def desired_state(
         services: every valid Service.
         endpoint_slices: every valid EndpointSlice.
         node: this node, for node-port frontends; None gives no node-port frontends.
+        memo: per-Service results of the last pass, to skip unchanged Services (optional).
 
     Returns:
         The service ports to program, keyed and ordered by name, and the problems found (a
@@ -57,7 +103,12 @@ def desired_state(
         if not _is_proxied(service):
             continue
         service_slices = slices.get((service.namespace, service.name), ())
-        states.extend(_service_port_states(service, slices=service_slices, node=node))
+        if memo is None:
+            states.extend(_service_port_states(service, slices=service_slices, node=node))
+        else:
+            states.extend(memo.states(service, slices=service_slices, node=node))
+    if memo is not None:
+        memo.rotate()
     kept, problems = _resolve_frontend_conflicts(states)
     return desired.DesiredState(
         service_ports={state.name: state for state in sorted(kept, key=lambda state: state.name)},
