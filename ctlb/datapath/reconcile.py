@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -109,6 +109,15 @@ class Reconciler:
         self._next_set = max(used_sets, default=0) + 1
         self._next_svc = max((v.svc_id for v in self.programmed.frontends.values()), default=0) + 1
         self.failed: set[desired.ServicePortName] = set()
+        # What the last passes programmed, by service port: a pass only touches the service ports
+        # whose desired state is not this very value (semantics hands on unchanged ones as is).
+        self._applied: dict[desired.ServicePortName, desired.ServicePortState] = {}
+        self._first_pass = True
+        # Frontends pointing at each (family, set id); sets whose count fell are checked for
+        # deletion at the end of a pass, so no pass walks every set.
+        self._set_refs: Counter[tuple[int, int]] = Counter(
+            (fe.address.version, v.set_id) for fe, v in self.programmed.frontends.items())
+        self._unref_candidates: set[tuple[int, int]] = set(self.programmed.sets)
         # Entries per family in the maps only user space writes, for capacity checks in O(1).
         self._fe_count = Counter({fam: self.programmed.frontend_count(fam) for fam in family_tables})
         self._member_count = Counter({fam: self.programmed.member_count(fam) for fam in family_tables})
@@ -118,19 +127,44 @@ class Reconciler:
     # --- the whole pass ---------------------------------------------------------------------
 
     def apply(self, state: desired.DesiredState) -> Outcome:
-        """Programs `state`; returns the service ports that could not be programmed, and why."""
+        """Programs `state`; returns the service ports that could not be programmed, and why.
+
+        The first pass compares everything with the maps (adoption); later passes only the
+        service ports that changed since the pass before.
+        """
         self._writes = self._deletes = 0
+        if self._first_pass:
+            changed = dict(state.service_ports)
+            removed: dict[desired.ServicePortName, desired.ServicePortState] = {}
+        else:
+            changed = {n: sp for n, sp in state.service_ports.items() if self._applied.get(n) is not sp}
+            removed = {n: sp for n, sp in self._applied.items() if n not in state.service_ports}
+        previous = {n: self._applied[n] for n in changed if n in self._applied} | removed
+        removed_ids = {n: self.svc_ids[n] for n in removed}
+        self._assign_svc_ids(changed)
+        if self._first_pass:
+            self._delete_unwanted_frontends(state)
+        else:
+            self._delete_dropped_frontends(changed, previous)
         problems: list[model.Problem] = []
         self.failed = set()
-        self._assign_svc_ids(state)
-        self._delete_unwanted_frontends(state)
-        for name in sorted(state.service_ports):
-            problem = self._program_service_port(state.service_ports[name])
-            if problem is not None:
+        for name in sorted(changed):
+            problem = self._program_service_port(changed[name])
+            if problem is None:
+                self._applied[name] = changed[name]
+            else:
                 problems.append(problem)
                 self.failed.add(name)
-        self._delete_stale_members(state)
+                self._applied.pop(name, None)
+        for name in removed:
+            del self._applied[name]
+        if self._first_pass:
+            self._delete_stale_members(state)
+        else:
+            self._delete_stale_members_of(previous, changed=changed, ids={**self.svc_ids, **removed_ids})
+        self._release_svc_ids(removed)
         self._collect_unreferenced_sets()
+        self._first_pass = False
         return Outcome(problems=tuple(problems), writes=self._writes, deletes=self._deletes)
 
     def view(self) -> dict[str, object]:
@@ -138,18 +172,21 @@ class Reconciler:
 
     # --- ids ----------------------------------------------------------------------------------
 
-    def _assign_svc_ids(self, state: desired.DesiredState) -> None:
+    def _assign_svc_ids(self, service_ports: Mapping[desired.ServicePortName, desired.ServicePortState]) -> None:
         """Keeps a service port's id for as long as it exists, across restarts too (adopted from
         the frontends it had), so affinity entries stay valid."""
-        for gone in set(self.svc_ids) - set(state.service_ports):
-            del self.service_of[self.svc_ids.pop(gone)]
+        new = sorted(name for name in service_ports if name not in self.svc_ids)
+        if not new:
+            return
         in_maps = {v.svc_id for v in self.programmed.frontends.values()}
-        for name in sorted(state.service_ports):
-            if name in self.svc_ids:
-                continue
-            svc_id = self._adoptable_id(state.service_ports[name]) or self._allocate_svc_id(in_maps)
+        for name in new:
+            svc_id = self._adoptable_id(service_ports[name]) or self._allocate_svc_id(in_maps)
             self.svc_ids[name] = svc_id
             self.service_of[svc_id] = name
+
+    def _release_svc_ids(self, names: Iterable[desired.ServicePortName]) -> None:
+        for name in names:
+            del self.service_of[self.svc_ids.pop(name)]
 
     def _adoptable_id(self, sp: desired.ServicePortState) -> int | None:
         ids = Counter(self.programmed.frontends[fe].svc_id for fe in sp.frontends
@@ -177,12 +214,32 @@ class Reconciler:
     # --- frontends ----------------------------------------------------------------------------
 
     def _delete_unwanted_frontends(self, state: desired.DesiredState) -> None:
+        """Adoption: every frontend in the maps that the desired state does not have."""
         wanted = {fe for sp in state.service_ports.values() for fe in sp.frontends}
         for fe in [fe for fe in self.programmed.frontends if fe not in wanted]:
-            self._tables[fe.address.version].frontends.delete(fe)
-            del self.programmed.frontends[fe]
-            self._fe_count[fe.address.version] -= 1
-            self._deletes += 1
+            self._delete_frontend(fe)
+
+    def _delete_dropped_frontends(self, changed: Mapping[desired.ServicePortName, desired.ServicePortState],
+                                  previous: Mapping[desired.ServicePortName, desired.ServicePortState]) -> None:
+        """The frontends changed or removed service ports had and no longer have. A frontend that
+        moves to another changed service port is overwritten in place instead, never deleted."""
+        claimed = {fe for sp in changed.values() for fe in sp.frontends}
+        for old in previous.values():
+            for fe in old.frontends:
+                if fe not in claimed and fe in self.programmed.frontends:
+                    self._delete_frontend(fe)
+
+    def _delete_frontend(self, fe: desired.Frontend) -> None:
+        fam = fe.address.version
+        self._tables[fam].frontends.delete(fe)
+        old = self.programmed.frontends.pop(fe)
+        self._unreference(fam, old.set_id)
+        self._fe_count[fam] -= 1
+        self._deletes += 1
+
+    def _unreference(self, fam: int, set_id: int) -> None:
+        self._set_refs[(fam, set_id)] -= 1
+        self._unref_candidates.add((fam, set_id))
 
     def _program_service_port(self, sp: desired.ServicePortState) -> model.Problem | None:
         fam = 4 if sp.name.family == model.IPFamily.IPv4 else 6
@@ -210,12 +267,17 @@ class Reconciler:
         if self._fe_count[fam] + len(new) > table.max_entries:
             raise errors.MapFull(table.name, table.max_entries)
         for fe in sorted(sp.frontends):
-            if self.programmed.frontends.get(fe) != value:
-                table.put(fe, value)
-                if fe not in self.programmed.frontends:
-                    self._fe_count[fam] += 1
-                self.programmed.frontends[fe] = value
-                self._writes += 1
+            old = self.programmed.frontends.get(fe)
+            if old == value:
+                continue
+            table.put(fe, value)
+            if old is None:
+                self._fe_count[fam] += 1
+            else:
+                self._unreference(fam, old.set_id)
+            self._set_refs[(fam, value.set_id)] += 1
+            self.programmed.frontends[fe] = value
+            self._writes += 1
 
     # --- backend sets -------------------------------------------------------------------------
 
@@ -229,6 +291,7 @@ class Reconciler:
                 return current.set_id
         table = self._tables[fam].backends
         if self.programmed.slots[fam] + len(sp.backends) > table.max_entries:
+            self._unref_candidates.update(self.programmed.sets)  # under pressure, look at all
             self._collect_unreferenced_sets()
             if self.programmed.slots[fam] + len(sp.backends) > table.max_entries:
                 raise errors.MapFull(table.name, table.max_entries)
@@ -246,15 +309,18 @@ class Reconciler:
             self._writes += written
         self.programmed.slots[fam] += written
         self.programmed.sets[(fam, set_id)] = sp.backends
+        self._unref_candidates.add((fam, set_id))  # collected if no frontend ends up using it
         return set_id
 
     def _collect_unreferenced_sets(self) -> None:
-        referenced = {(fe.address.version, v.set_id) for fe, v in self.programmed.frontends.items()}
-        for fam in self._tables:
-            if self._has_partial_sets(fam):
-                self._delete_partial_sets(fam)
-        for (fam, set_id), backends in list(self.programmed.sets.items()):
-            if (fam, set_id) in referenced:
+        if self._first_pass:
+            for fam in self._tables:
+                if self._has_partial_sets(fam):
+                    self._delete_partial_sets(fam)
+        candidates, self._unref_candidates = self._unref_candidates, set()
+        for fam, set_id in candidates:
+            backends = self.programmed.sets.get((fam, set_id))
+            if backends is None or self._set_refs[(fam, set_id)] > 0:
                 continue
             for slot in range(len(backends)):
                 self._tables[fam].backends.delete(tables.SlotKey(fam, set_id, slot))
@@ -289,7 +355,29 @@ class Reconciler:
             self._member_count[fam] += 1
             self._writes += 1
 
+    def _delete_stale_members_of(self, previous: Mapping[desired.ServicePortName, desired.ServicePortState], *,
+                                 changed: Mapping[desired.ServicePortName, desired.ServicePortState],
+                                 ids: Mapping[desired.ServicePortName, int]) -> None:
+        """The members changed or removed service ports no longer need. A service port that
+        failed keeps the members its frontends may still rely on."""
+        for name, old in previous.items():
+            if old.affinity_timeout is None or name in self.failed:
+                continue
+            new = changed.get(name)
+            keep = set(new.backends) if new is not None and new.affinity_timeout is not None else set()
+            for backend in old.backends:
+                key = tables.MemberKey(ids[name], backend)
+                if backend not in keep and key in self.programmed.members:
+                    self._delete_member(key)
+
+    def _delete_member(self, key: tables.MemberKey) -> None:
+        self._tables[key.backend.address.version].members.delete(key)
+        self.programmed.members.discard(key)
+        self._member_count[key.backend.address.version] -= 1
+        self._deletes += 1
+
     def _delete_stale_members(self, state: desired.DesiredState) -> None:
+        """Adoption: every member the desired state does not want."""
         wanted = {
             tables.MemberKey(self.svc_ids[name], b)
             for name, sp in state.service_ports.items()
@@ -299,7 +387,4 @@ class Reconciler:
         # A service port that failed keeps the members its frontends may still rely on.
         kept = {self.svc_ids[name] for name in self.failed}
         for key in [m for m in self.programmed.members if m not in wanted and m.svc_id not in kept]:
-            self._tables[key.backend.address.version].members.delete(key)
-            self.programmed.members.discard(key)
-            self._member_count[key.backend.address.version] -= 1
-            self._deletes += 1
+            self._delete_member(key)

@@ -194,3 +194,41 @@ def test_service_that_did_not_fit_keeps_its_old_programming() -> None:
     out = r.apply(state(sp("a", ["10.96.0.1"], ["10.244.0.2", "10.244.0.3", "10.244.0.4"])))
     assert out.problems
     assert r.view()["10.96.0.1:80/TCP"]["backends"] == ["10.244.0.2:8080", "10.244.0.3:8080"]
+
+
+def test_unchanged_service_port_objects_cost_no_map_operation() -> None:
+    r = reconcile.Reconciler(tables.memory_tables())
+    web = sp("web", ["10.96.0.1"], ["10.244.0.2"], affinity=30)
+    r.apply(state(web))
+    out = r.apply(state(web))
+    assert (out.writes, out.deletes) == (0, 0)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_incremental_passes_leave_exactly_the_desired_entries(seed: int) -> None:
+    """Random edits, unchanged service ports handed on as the same objects (as the semantics
+    memo does): after every pass the maps hold the desired view and nothing else."""
+    import random
+
+    rnd = random.Random(seed)
+    t = tables.memory_tables()
+    r = reconcile.Reconciler(t)
+    current: dict[str, desired.ServicePortState] = {}
+    for _ in range(30):
+        for name in rnd.sample([f"s{i}" for i in range(8)], 3):
+            roll = rnd.random()
+            if roll < 0.25:
+                current.pop(name, None)
+            else:
+                n = rnd.randrange(0, 4)
+                backends = [f"10.244.0.{rnd.randrange(2, 9)}" for _ in range(n)]
+                frontends = [f"10.96.{rnd.randrange(0, 2)}.{int(name[1:]) + 1}"]
+                current[name] = sp(name, frontends, backends, affinity=rnd.choice([None, 60]))
+        want = state(*current.values())
+        out = r.apply(want)
+        assert out.problems == ()
+        assert r.view() == reconcile.desired_view(want)
+        used_sets = {v.set_id for v in t[4].frontends.data.values() if v.count}
+        assert {k.set_id for k in t[4].backends.data} == used_sets, "a set no frontend uses was left"
+        wanted_members = {(r.svc_ids[s.name], b) for s in current.values() if s.affinity_timeout for b in s.backends}
+        assert {(m.svc_id, m.backend) for m in t[4].members.data} == wanted_members
