@@ -1,0 +1,1 @@
+"""Benchmarks: connection rate and latency through Service addresses, and programming scale."""
