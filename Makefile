@@ -1,7 +1,7 @@
 # The README's commands. Everything runs as root on a node (or CI machine) of this kind.
 PY := .venv/bin/python
 
-.PHONY: setup demo test unit clean
+.PHONY: setup demo test unit bench bench-quick clean
 
 setup:
 	bash scripts/setup.sh
@@ -11,6 +11,14 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -ra tests
+
+bench: setup
+	bash scripts/setup.sh --bench
+	$(PY) -m bench.run
+
+bench-quick: setup
+	bash scripts/setup.sh --bench
+	$(PY) -m bench.run --quick
 
 unit: setup
 	$(PY) -m pytest -ra tests/unit

@@ -9,8 +9,14 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
+bench=false
+[ "${1:-}" = "--bench" ] && bench=true
+
 # dnsmasq-base: the binary without a system service that would bind port 53 on the host.
-packages=(python3-bpfcc python3-venv iproute2 dnsutils dnsmasq-base curl bpftool procps)
+# iptables, nftables, gcc and iperf3: the kube-proxy-shaped comparison modes and the C load
+# generator, which both the tests and the benchmark use.
+packages=(python3-bpfcc python3-venv iproute2 dnsutils dnsmasq-base curl bpftool procps
+          iptables nftables iperf3 gcc libc6-dev util-linux)
 kver=$(uname -r)
 if [ ! -e "/lib/modules/$kver/build/include" ]; then
   packages+=(linux-headers-amd64)
@@ -49,10 +55,12 @@ fi
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-stamp=.venv/.ctlb-installed
+extras=test
+$bench && extras=test,bench
+stamp=.venv/.ctlb-installed-$extras
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e '.[test]'
+  .venv/bin/python -m pip install -q -e ".[$extras]"
   touch "$stamp"
 fi
 .venv/bin/python -c 'import bcc' || { echo "setup: the bcc module is not importable from .venv" >&2; exit 1; }
