@@ -75,7 +75,7 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {label} | " + " | ".join(cell(values(size, m, read)) for m in MODES)
                          + f" | {ratio(med['ctlb'], med['direct'])} | {ratio(med['ctlb'], med['iptables'])}"
                          f" | {ratio(med['ctlb'], med['nftables'])} |")
-        lines += ["", _control_table(size), "", _bpf_table(size), "", _memory_line(size), ""]
+        lines += ["", _control_table(size), "", _bpf_table(size), "", _memory_line(size, results["sizes"][0]), ""]
     return "\n".join(lines)
 
 
@@ -108,15 +108,20 @@ def _bpf_table(size: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _memory_line(size: dict[str, Any]) -> str:
+def _memory_line(size: dict[str, Any], smallest: dict[str, Any]) -> str:
+    """Map bytes as the kernel accounts them; per entry, the growth over the smallest N, since a
+    hash map's bucket array is a fixed cost."""
     mem = size.get("memory", {})
-    maps = mem.get("maps", {})
-    fe = maps.get("ctlb_fe4", {}).get("bytes_per_entry")
-    be = maps.get("ctlb_be4", {}).get("bytes_per_entry")
-    fe_text = f"{fe:.0f}" if fe else "–"
-    be_text = f"{be:.0f}" if be else "–"
-    return (f"Memory: {fe_text} bytes per frontend, {be_text} bytes per backend slot (kernel's accounting of "
-            f"ctlb_fe4/ctlb_be4); agent RSS {mem.get('agent_rss_mib', 0):.0f} MiB.")
+    parts = []
+    for name, what in (("ctlb_fe4", "frontend"), ("ctlb_be4", "backend slot")):
+        now = mem.get("maps", {}).get(name, {})
+        base = smallest.get("memory", {}).get("maps", {}).get(name, {})
+        text = f"{name} {now.get('bytes', 0) / 2**20:.1f} MiB for {now.get('entries', 0)} entries"
+        grown = now.get("entries", 0) - base.get("entries", 0)
+        if grown > 0:
+            text += f" ({(now['bytes'] - base['bytes']) / grown:.0f} bytes per {what})"
+        parts.append(text)
+    return f"Memory: {'; '.join(parts)}; agent RSS {mem.get('agent_rss_mib', 0):.0f} MiB."
 
 
 def plots(results: dict[str, Any], out: pathlib.Path) -> None:

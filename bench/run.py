@@ -178,11 +178,9 @@ def map_memory(node: topology.BenchNode) -> Sample:
     for name in ("ctlb_fe4", "ctlb_be4"):
         info = json.loads(subprocess.run(["bpftool", "map", "show", "pinned", str(node.bpffs / name), "-j"],
                                          capture_output=True, text=True, check=True).stdout)
-        entries = sum(1 for line in subprocess.run(
-            ["bpftool", "map", "dump", "pinned", str(node.bpffs / name), "-j"],
-            capture_output=True, text=True, check=True).stdout.splitlines() if '"key"' in line)
-        out[name] = {"bytes": info.get("bytes_memlock"), "entries": entries,
-                     "bytes_per_entry": info.get("bytes_memlock", 0) / entries if entries else None}
+        entries = len(json.loads(subprocess.run(["bpftool", "map", "dump", "pinned", str(node.bpffs / name), "-j"],
+                                                capture_output=True, text=True, check=True).stdout))
+        out[name] = {"bytes": info.get("bytes_memlock"), "entries": entries}
     return out
 
 

@@ -47,6 +47,13 @@ class ManifestSource:
             return None
         return self._last_good.merge(self._reader.read())
 
+    def wait(self, timeout: float) -> None:
+        """Returns as soon as the files may have changed, or after `timeout`."""
+        self._watcher.wait(timeout)
+
+    def close(self) -> None:
+        self._watcher.close()
+
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
@@ -117,16 +124,18 @@ class Agent:
             snapshot = self.source.poll()
             if snapshot is not None:
                 self.sync(snapshot, read_ms=1000 * (time.perf_counter() - started))
-            stop.wait(self.config.interval)
+            if not stop.is_set():
+                self.source.wait(self.config.interval)
 
 
 def run(config: AgentConfig, *, stop: threading.Event) -> None:
     """Runs the agent until `stop` is set. The datapath stays in place when it returns."""
     log.info("agent_starting", node=config.node_name, cgroup=str(config.cgroup), bpffs=str(config.bpffs))
     dp = datapath.Datapath.install(bpffs=config.bpffs, cgroup=config.cgroup, sizes=config.sizes)
+    source = ManifestSource(config.manifests, interval=config.interval)
     try:
-        agent = Agent(config, source=ManifestSource(config.manifests, interval=config.interval), dp=dp)
-        agent.run(stop)
+        Agent(config, source=source, dp=dp).run(stop)
     finally:
+        source.close()
         dp.close()
         log.info("agent_stopped", datapath="left in place")

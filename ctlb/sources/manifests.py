@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import pathlib
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import yaml
 
 from ctlb import errors, kubeobjects, model
+from ctlb.sources import inotify
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -93,16 +95,18 @@ class ManifestReader:
 
 
 class ManifestWatcher:
-    """Tells, by cheap polling of file metadata, when the manifests may have changed.
+    """Tells when the manifests may have changed: file metadata compared on every call, and
+    `wait()` woken by inotify as soon as a watched folder sees a write or a rename.
 
-    No threads and no inotify: the agent calls `changed()` every `interval` seconds and
-    `load()` when it answers True.
+    The agent loops on `changed()` and `wait(interval)`; polling stays the fallback for what
+    inotify cannot see (a folder that does not exist yet, a network file system).
     """
 
     def __init__(self, paths: Sequence[pathlib.Path], *, interval: float = 0.2) -> None:
         self.paths = tuple(paths)
         self.interval = interval
         self._last: tuple[_FileSignature, ...] | None = None
+        self._inotify: inotify.Inotify | None = None
 
     def changed(self) -> bool:
         """True on the first call, then whenever a file appeared, vanished or was rewritten."""
@@ -111,6 +115,37 @@ class ManifestWatcher:
             return False
         self._last = signature
         return True
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Returns when a watched folder changed, or after `timeout` (default: the interval)."""
+        timeout = self.interval if timeout is None else timeout
+        if self._inotify is None:
+            try:
+                self._inotify = inotify.Inotify()
+            except OSError:
+                time.sleep(timeout)  # no inotify (limits reached): plain polling
+                return
+        self._inotify.watch(_folders(self.paths))
+        self._inotify.wait(timeout)
+
+    def close(self) -> None:
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
+
+
+def _folders(paths: Sequence[pathlib.Path]) -> set[pathlib.Path]:
+    """Every folder whose entries can change what is read: given folders with their sub-folders,
+    and the folder of each given file (files are replaced by rename, which their folder sees)."""
+    folders: set[pathlib.Path] = set()
+    for path in paths:
+        if path.is_dir():
+            folders.add(path)
+            folders.update(p for p in path.rglob("*") if p.is_dir() and not any(
+                part.startswith(".") for part in p.relative_to(path).parts))
+        else:
+            folders.add(path.parent)
+    return folders
 
 
 # --- finding files ---------------------------------------------------------------------------

@@ -381,3 +381,29 @@ def test_reader_hands_on_unchanged_files_objects_as_the_same_values(tmp_path: pa
     assert second["web"] is first["web"]
     assert second["other"] is not first["other"]
     assert str(second["other"].cluster_ips[0]) == "10.96.12.35"
+
+
+def test_watcher_wakes_at_once_when_a_file_is_renamed_into_place(tmp_path: pathlib.Path) -> None:
+    """A change must not wait for the next poll: inotify wakes `wait()` (a 5 s timeout here)."""
+    import threading
+    import time
+
+    def write() -> None:
+        (tmp_path / ".x.tmp").write_text(SERVICE)
+        os.replace(tmp_path / ".x.tmp", tmp_path / "x.yaml")
+
+    watcher = manifests.ManifestWatcher([tmp_path], interval=5.0)
+    try:
+        assert watcher.changed()
+        watcher.wait(0.01)  # arms the watches
+        writer = threading.Timer(0.2, write)
+        writer.start()
+        started = time.monotonic()
+        watcher.wait()
+        woke = time.monotonic() - started
+        writer.join()
+        assert woke < 4.0, "wait() slept through the change"
+        watcher.wait(0.05)  # drain the rename's second event
+        assert watcher.changed()
+    finally:
+        watcher.close()
