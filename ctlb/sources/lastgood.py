@@ -24,7 +24,7 @@ def _ref(obj: model.KubeObject) -> str:
 
 class LastGood:
     def __init__(self) -> None:
-        self._objects: dict[str, model.KubeObject] = {}
+        self._last = model.Snapshot()
 
     def merge(self, snapshot: model.Snapshot) -> model.Snapshot:
         """`snapshot` plus the last good version of every object it lost to a problem.
@@ -32,17 +32,22 @@ class LastGood:
         An object is carried over when a problem names it, or when a whole file failed to
         decode (its objects cannot be told apart from deleted ones until the file is fixed).
         """
+        if not snapshot.problems:
+            # Nothing to carry over: the common case costs nothing, however many objects.
+            self._last = snapshot
+            return snapshot
+        previous = {_ref(o): o for kind in _KINDS for o in getattr(self._last, kind)}
         present = {_ref(o) for kind in _KINDS for o in getattr(snapshot, kind)}
         broken = {p.ref for p in snapshot.problems}
         file_broken = any(p.ref.startswith("file ") for p in snapshot.problems)
-        kept = [o for ref, o in self._objects.items()
+        kept = [o for ref, o in previous.items()
                 if ref not in present and (ref in broken or file_broken)]
         for obj in kept:
             log.warning("object_kept_last_valid_version", object=_ref(obj))
         merged = replace(snapshot, **{
             kind: (*getattr(snapshot, kind), *(o for o in kept if _kind_of(o) == kind)) for kind in _KINDS
         })
-        self._objects = {_ref(o): o for kind in _KINDS for o in getattr(merged, kind)}
+        self._last = merged
         return merged
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import pathlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import yaml
@@ -55,7 +55,9 @@ class _Parsed:
     """One file's objects, in document order, and its problems."""
 
     signature: _FileSignature
-    objects: tuple[model.KubeObject, ...]
+    # (kind, namespace, name) with each object: computed once per parse, since merging and
+    # ordering tens of thousands of objects on every change would otherwise rebuild them all.
+    objects: tuple[tuple[tuple[str, str, str], model.KubeObject], ...]
     problems: tuple[model.Problem, ...]
 
 
@@ -73,11 +75,11 @@ class ManifestReader:
     def read(self) -> model.Snapshot:
         files, problems = _manifest_files(self.paths)
         self._files = {path: self._parsed(path) for path in files}
-        objects: dict[model.ObjectRef, model.KubeObject] = {}
+        objects: dict[tuple[str, str, str], model.KubeObject] = {}
         for parsed in self._files.values():
-            objects.update((obj.ref, obj) for obj in parsed.objects)
+            objects.update(parsed.objects)
             problems.extend(parsed.problems)
-        return _snapshot(objects.values(), problems=problems)
+        return _snapshot([obj for _, obj in sorted(objects.items(), key=_first)], problems=problems)
 
     def _parsed(self, path: pathlib.Path) -> _Parsed:
         signature = _file_signature(path)
@@ -91,7 +93,8 @@ class ManifestReader:
             problems.extend(_add_objects(document, into=into, source=path, index=index))
         if decoded.problem is not None:
             problems.append(decoded.problem)
-        return _Parsed(signature=signature, objects=tuple(into.values()), problems=tuple(problems))
+        keyed = tuple(((ref.kind, ref.namespace, ref.name), obj) for ref, obj in into.items())
+        return _Parsed(signature=signature, objects=keyed, problems=tuple(problems))
 
 
 class ManifestWatcher:
@@ -267,8 +270,12 @@ def _add_objects(
     return problems
 
 
-def _snapshot(objects: Iterable[model.KubeObject], *, problems: Sequence[model.Problem]) -> model.Snapshot:
-    ordered = sorted(objects, key=lambda obj: obj.ref)
+def _first(item: tuple[tuple[str, str, str], model.KubeObject]) -> tuple[str, str, str]:
+    return item[0]
+
+
+def _snapshot(ordered: Sequence[model.KubeObject], *, problems: Sequence[model.Problem]) -> model.Snapshot:
+    """A snapshot of objects already in reference order (kind, namespace, name)."""
     return model.Snapshot(
         services=tuple(obj for obj in ordered if isinstance(obj, model.Service)),
         endpoint_slices=tuple(obj for obj in ordered if isinstance(obj, model.EndpointSlice)),
