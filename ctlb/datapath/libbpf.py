@@ -15,11 +15,6 @@ from dataclasses import dataclass
 _LIB = ct.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
 
 BPF_ANY = 0
-BPF_NOEXIST = 1
-BPF_EXIST = 2
-
-# enum bpf_link_type
-BPF_LINK_TYPE_CGROUP = 3
 
 _LIB.bpf_obj_get.argtypes = [ct.c_char_p]
 _LIB.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]

@@ -51,8 +51,6 @@ HOOKS: tuple[Hook, ...] = (
     Hook("ctlb_getpeer6", CGROUP_INET6_GETPEERNAME),
 )
 
-ATTACH_NAMES = {h.attach_type: h.program.removeprefix("ctlb_") for h in HOOKS}
-
 
 @dataclass(frozen=True, slots=True)
 class MapSizes:

@@ -35,9 +35,6 @@ def check_output(argv: Sequence[str], *, stdin_text: str | None = None) -> str:
     return done.stdout
 
 
-    return True
-
-
 def kill_pids(pids: Sequence[int]) -> None:
     """SIGKILL each pid, ignoring those already gone."""
     for pid in pids:
