@@ -57,7 +57,7 @@ class Memo:
         key = (service.namespace, service.name)
         entry = self._entries.get(key)
         if entry is None or not entry.matches(service, slices, node):
-            entry = _MemoEntry(service, tuple(slices), node, _service_port_states(service, slices=slices, node=node))
+            entry = _MemoEntry(service, tuple(slices), node, service_port_states(service, slices=slices, node=node))
         self._next[key] = entry
         return entry.states
 
@@ -100,11 +100,11 @@ def desired_state(
     slices = _slices_by_service(endpoint_slices)
     states: list[desired.ServicePortState] = []
     for service in sorted(services, key=lambda s: (s.namespace, s.name)):
-        if not _is_proxied(service):
+        if not is_proxied(service):
             continue
         service_slices = slices.get((service.namespace, service.name), ())
         if memo is None:
-            states.extend(_service_port_states(service, slices=service_slices, node=node))
+            states.extend(service_port_states(service, slices=service_slices, node=node))
         else:
             states.extend(memo.states(service, slices=service_slices, node=node))
     if memo is not None:
@@ -126,7 +126,7 @@ def _slices_by_service(
     return {key: tuple(sorted(group, key=lambda s: s.name)) for key, group in grouped.items()}
 
 
-def _is_proxied(service: model.Service) -> bool:
+def is_proxied(service: model.Service) -> bool:
     """kube-proxy's ShouldSkipService, inverted."""
     if service.type is model.ServiceType.EXTERNAL_NAME or service.headless:
         return False
@@ -140,7 +140,7 @@ def _families(service: model.Service) -> tuple[model.IPFamily, ...]:
     return tuple(family for family in _FAMILY_ORDER if family in present)
 
 
-def _service_port_states(
+def service_port_states(
     service: model.Service,
     *,
     slices: Sequence[model.EndpointSlice],
