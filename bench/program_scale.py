@@ -18,9 +18,9 @@ import time
 
 import yaml
 
-from ctlb import datapath, semantics
+from ctlb import datapath, planner
 from ctlb.datapath import cgroup as cg, programs
-from ctlb.sources import manifests
+from ctlb.sources import manifests, store
 
 
 def objects(n: int, b: int) -> list[dict]:
@@ -60,16 +60,17 @@ def main() -> None:
             for start in range(2, len(docs), 2000):
                 (folder / f"bulk-{start:06d}.yaml").write_text(yaml.safe_dump_all(docs[start:start + 2000], sort_keys=False))
             reader = manifests.ManifestReader([folder])
-            memo = semantics.Memo()
+            held = store.ObjectStore()
+            plan = planner.Planner("")
             t0 = time.perf_counter()
             dp = datapath.Datapath.install(bpffs=bpffs, cgroup=root, sizes=programs.MapSizes())
             result["load_attach_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            snap = reader.read()
+            reader.refresh(held)
             result["parse_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            state = semantics.desired_state(services=snap.services, endpoint_slices=snap.endpoint_slices,
-                                            node=None, memo=memo)
+            plan.update(held, held.take())
+            state = plan.state()
             result["semantics_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             out = dp.apply(state)
@@ -79,19 +80,19 @@ def main() -> None:
             docs[1]["endpoints"][0]["addresses"] = ["10.255.255.254"]
             target.write_text(yaml.safe_dump_all(docs[:2], sort_keys=False))
             t0 = time.perf_counter()
-            snap = reader.read()
+            reader.refresh(held)
             t1 = time.perf_counter()
-            state = semantics.desired_state(services=snap.services, endpoint_slices=snap.endpoint_slices,
-                                            node=None, memo=memo)
+            changed = plan.update(held, held.take())
+            state = plan.state()
             t2 = time.perf_counter()
-            out = dp.apply(state)
+            out = dp.apply(state, hint=changed)
             t3 = time.perf_counter()
             result["one_endpoint_change_read_s"] = t1 - t0
             result["one_endpoint_change_semantics_s"] = t2 - t1
             result["one_endpoint_change_program_s"] = t3 - t2
             result["one_endpoint_change_writes"] = out.writes + out.deletes
             t0 = time.perf_counter()
-            out = dp.apply(state)
+            out = dp.apply(state, hint=())
             result["no_change_pass_s"] = time.perf_counter() - t0
             dp.close()
             result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

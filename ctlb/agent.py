@@ -10,12 +10,13 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 
-from ctlb import datapath, desired, model, semantics, statefile
+from ctlb import datapath, desired, model, planner, statefile
 from ctlb.datapath import reconcile
-from ctlb.sources import lastgood, manifests
+from ctlb.sources import manifests, store
 
 log = structlog.get_logger()
 
@@ -31,26 +32,45 @@ class AgentConfig:
     interval: float = 0.2  # seconds between looks at the source
 
 
-class ManifestSource:
-    """Manifest files as a source: a new snapshot whenever the files change."""
+class Source(Protocol):
+    """Where objects come from. It writes them into the agent's store, from the agent's thread
+    (`refresh`) or from threads of its own; the agent programs only once it is `synced`."""
 
-    def __init__(self, paths: Sequence[pathlib.Path], *, interval: float) -> None:
+    def describe(self) -> str: ...
+    def refresh(self) -> None: ...
+    def synced(self) -> bool: ...
+    def wait(self, timeout: float) -> None: ...
+    def status(self) -> dict[str, object]: ...
+    def close(self) -> None: ...
+
+
+class ManifestSource:
+    """Manifest files as a source: changed files are read into the store when the agent asks."""
+
+    def __init__(self, paths: Sequence[pathlib.Path], *, objects: store.ObjectStore, interval: float) -> None:
         self.paths = tuple(paths)
+        self._store = objects
         self._watcher = manifests.ManifestWatcher(self.paths, interval=interval)
         self._reader = manifests.ManifestReader(self.paths)
-        self._last_good = lastgood.LastGood()
+        self._read_once = False
 
     def describe(self) -> str:
         return "manifests:" + ",".join(str(p) for p in self.paths)
 
-    def poll(self) -> model.Snapshot | None:
-        if not self._watcher.changed():
-            return None
-        return self._last_good.merge(self._reader.read())
+    def refresh(self) -> None:
+        if self._watcher.changed():
+            self._reader.refresh(self._store)
+            self._read_once = True
+
+    def synced(self) -> bool:
+        return self._read_once
 
     def wait(self, timeout: float) -> None:
         """Returns as soon as the files may have changed, or after `timeout`."""
         self._watcher.wait(timeout)
+
+    def status(self) -> dict[str, object]:
+        return {"synced": self._read_once}
 
     def close(self) -> None:
         self._watcher.close()
@@ -60,46 +80,55 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _this_node(snapshot: model.Snapshot, name: str) -> model.Node | None:
-    return next((n for n in snapshot.nodes if n.name == name), None)
-
-
 class Agent:
-    def __init__(self, config: AgentConfig, *, source: ManifestSource, dp: datapath.Datapath) -> None:
+    def __init__(self, config: AgentConfig, *, source: Source, objects: store.ObjectStore,
+                 dp: datapath.Datapath) -> None:
         self.config = config
         self.source = source
+        self.store = objects
         self.datapath = dp
+        self.planner = planner.Planner(config.node_name)
         self._reported: set[model.Problem] = set()
-        self._memo = semantics.Memo()
+        # The desired view's digest, kept as a sum over service ports so a change costs its port.
+        self._digest_of: dict[desired.ServicePortName, int] = {}
+        self._digest_sum = 0
+        self._kinds_of: dict[desired.ServicePortName, dict[str, str]] = {}
+        self._frontend_kinds: dict[str, str] = {}
         self.state = statefile.AgentState(
             pid=os.getpid(), node=config.node_name, source=source.describe(),
             cgroup=str(config.cgroup), bpffs=str(config.bpffs), started=_now(),
         )
 
-    def sync(self, snapshot: model.Snapshot, *, read_ms: float = 0.0) -> None:
-        """Programs one snapshot of the source and records the result."""
+    def sync(self, *, read_ms: float = 0.0) -> bool:
+        """Programs what changed in the store since the last sync; False if nothing had."""
         started = time.perf_counter()
-        node = _this_node(snapshot, self.config.node_name)
-        state = semantics.desired_state(services=snapshot.services, endpoint_slices=snapshot.endpoint_slices,
-                                        node=node, memo=self._memo)
+        first = self.state.syncs == 0
+        with self.store.locked():
+            changes = self.store.take()
+            if changes is None and not first:
+                return False
+            changed = self.planner.update(self.store, None if first else changes)
+            source_problems = self.store.problems()
+        plan = self.planner.state()
         decided = time.perf_counter()
-        outcome = self.datapath.apply(state)
+        outcome = self.datapath.apply(plan, hint=None if first else changed)
         programmed = time.perf_counter()
-        problems = sorted({*snapshot.problems, *state.problems, *outcome.problems})
+        problems = sorted({*source_problems, *plan.problems, *outcome.problems})
         self._report(problems)
-        self._record(state, outcome, problems)
+        names_changed = self._record(plan, changed, outcome, problems)
         timings = {"read_ms": round(read_ms, 3), "semantics_ms": round(1000 * (decided - started), 3),
                    "program_ms": round(1000 * (programmed - decided), 3)}
         self.state.last_sync_timings = timings
-        statefile.write(self.config.run_dir, self.state)
-        if self.state.syncs == 1:
+        statefile.write(self.config.run_dir, self.state, names=names_changed)
+        if first:
             # The first sync builds every object the agent will hold for long: move them out of
             # the collector's reach, or full collections over them stall later syncs ~200 ms.
             gc.collect()
             gc.freeze()
-        log.info("synced", services=len(snapshot.services), service_ports=len(state.service_ports),
-                 frontends=state.frontend_count(), writes=outcome.writes, deletes=outcome.deletes,
-                 problems=len(problems), in_sync=self.state.in_sync, **timings)
+        log.info("synced", services=self.store.count("Service"), service_ports=len(plan.service_ports),
+                 changed=len(changed), frontends=self.planner.frontend_count, writes=outcome.writes,
+                 deletes=outcome.deletes, problems=len(problems), in_sync=self.state.in_sync, **timings)
+        return True
 
     def _report(self, problems: Sequence[model.Problem]) -> None:
         """Logs each problem once, when it appears, and says when it is gone."""
@@ -110,26 +139,53 @@ class Agent:
             log.info("object_problem_resolved", object=p.ref)
         self._reported = current
 
-    def _record(self, state: desired.DesiredState, outcome: reconcile.Outcome,
-                problems: Sequence[model.Problem]) -> None:
-        want = reconcile.desired_view(state)
+    def _record(self, plan: desired.DesiredState, changed: set[desired.ServicePortName],
+                outcome: reconcile.Outcome, problems: Sequence[model.Problem]) -> bool:
+        """Brings the state file's account up to date with the changed service ports only;
+        True if the names (ids, frontends) changed and must be written again."""
         st = self.state
+        names_changed = self.state.syncs == 0
+        for name in changed:
+            names_changed |= self._update_view(name, plan.service_ports.get(name))
         st.last_sync = _now()
         st.syncs += 1
-        st.desired_digest = reconcile.digest(want)
-        st.desired_frontends = len(want)
-        st.in_sync = not outcome.problems and reconcile.digest(self.datapath.reconciler.view()) == st.desired_digest
+        st.desired_digest = reconcile.combine(self._digest_sum)
+        st.desired_frontends = self.planner.frontend_count
+        # The reconciler's shadow is what it wrote: it matches the plan unless something failed.
+        st.in_sync = not outcome.problems
         st.problems = [{"object": p.ref, "reason": p.reason} for p in problems]
-        st.services = {str(i): str(n) for i, n in sorted(self.datapath.reconciler.service_of.items())}
-        st.frontend_kinds = {str(fe): str(kind) for sp in state.service_ports.values()
-                             for fe, kind in sp.frontends.items()}
+        st.source_status = self.source.status()
+        if names_changed:
+            st.services = {str(i): str(n) for i, n in sorted(self.datapath.reconciler.service_of.items())}
+            st.frontend_kinds = dict(sorted(self._frontend_kinds.items()))
+        return names_changed
+
+    def _update_view(self, name: desired.ServicePortName, sp: desired.ServicePortState | None) -> bool:
+        """Replaces one service port's share of the digest and of the frontend kinds; True if
+        its frontends or kinds moved (a port that came or went moves too)."""
+        self._digest_sum -= self._digest_of.pop(name, 0)
+        old_kinds = self._kinds_of.pop(name, {})
+        if sp is None:
+            kinds: dict[str, str] = {}
+        else:
+            view = reconcile.service_port_view(sp)
+            self._digest_of[name] = sum(reconcile.entry_digest(key, value) for key, value in view.items())
+            self._digest_sum += self._digest_of[name]
+            kinds = {str(fe): str(kind) for fe, kind in sp.frontends.items()}
+            self._kinds_of[name] = kinds
+        if kinds == old_kinds:
+            return False
+        for key in old_kinds.keys() - kinds.keys():
+            self._frontend_kinds.pop(key, None)
+        self._frontend_kinds.update(kinds)
+        return True
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             started = time.perf_counter()
-            snapshot = self.source.poll()
-            if snapshot is not None:
-                self.sync(snapshot, read_ms=1000 * (time.perf_counter() - started))
+            self.source.refresh()
+            if self.source.synced():
+                self.sync(read_ms=1000 * (time.perf_counter() - started))
             if not stop.is_set():
                 self.source.wait(self.config.interval)
 
@@ -138,9 +194,10 @@ def run(config: AgentConfig, *, stop: threading.Event) -> None:
     """Runs the agent until `stop` is set. The datapath stays in place when it returns."""
     log.info("agent_starting", node=config.node_name, cgroup=str(config.cgroup), bpffs=str(config.bpffs))
     dp = datapath.Datapath.install(bpffs=config.bpffs, cgroup=config.cgroup, sizes=config.sizes)
-    source = ManifestSource(config.manifests, interval=config.interval)
+    objects = store.ObjectStore()
+    source = ManifestSource(config.manifests, objects=objects, interval=config.interval)
     try:
-        Agent(config, source=source, dp=dp).run(stop)
+        Agent(config, source=source, objects=objects, dp=dp).run(stop)
     finally:
         source.close()
         dp.close()

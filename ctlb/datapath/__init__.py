@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Collection
 
 import structlog
 
@@ -38,8 +39,10 @@ class Datapath:
                  adopted_frontends=len(datapath.reconciler.programmed.frontends))
         return datapath
 
-    def apply(self, state: desired.DesiredState) -> reconcile.Outcome:
-        return self.reconciler.apply(state)
+    def apply(self, state: desired.DesiredState, *,
+              hint: Collection[desired.ServicePortName] | None = None) -> reconcile.Outcome:
+        """Programs `state`; `hint` names the service ports that may have changed, if known."""
+        return self.reconciler.apply(state, hint=hint)
 
     def close(self) -> None:
         """Releases this process's handles; programs and pins stay (restarts drop nothing)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -87,13 +87,28 @@ def datapath_view(frontends: Mapping[desired.Frontend, tables.FrontendValue],
 def desired_view(state: desired.DesiredState) -> dict[str, object]:
     view: dict[str, object] = {}
     for sp in state.service_ports.values():
-        for fe in sp.frontends:
-            view[str(fe)] = {"backends": sorted(str(b) for b in sp.backends), "affinity": sp.affinity_timeout}
+        view.update(service_port_view(sp))
     return dict(sorted(view.items()))
 
 
+def service_port_view(sp: desired.ServicePortState) -> dict[str, object]:
+    """The view entries of one service port's frontends."""
+    value = {"backends": sorted(str(b) for b in sp.backends), "affinity": sp.affinity_timeout}
+    return {str(fe): value for fe in sp.frontends}
+
+
+def entry_digest(key: str, value: object) -> int:
+    return int.from_bytes(hashlib.sha256(json.dumps([key, value], sort_keys=True).encode()).digest()[:8], "big")
+
+
 def digest(view: Mapping[str, object]) -> str:
-    return hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()[:16]
+    """A digest of a view that does not depend on order: the sum of its entries' digests, so
+    the agent can keep it current entry by entry instead of re-reading 10k frontends per change."""
+    return combine(sum(entry_digest(key, value) for key, value in view.items()))
+
+
+def combine(total: int) -> str:
+    return f"{total % (1 << 64):016x}"
 
 
 class Reconciler:
@@ -126,19 +141,22 @@ class Reconciler:
 
     # --- the whole pass ---------------------------------------------------------------------
 
-    def apply(self, state: desired.DesiredState) -> Outcome:
+    def apply(self, state: desired.DesiredState, *, hint: Collection[desired.ServicePortName] | None = None) -> Outcome:
         """Programs `state`; returns the service ports that could not be programmed, and why.
 
         The first pass compares everything with the maps (adoption); later passes only the
-        service ports that changed since the pass before.
+        service ports that changed since the pass before: those named in `hint` (with the ones
+        that failed last time) when the caller knows, else found by walking `state`.
         """
         self._writes = self._deletes = 0
         if self._first_pass:
             changed = dict(state.service_ports)
             removed: dict[desired.ServicePortName, desired.ServicePortState] = {}
         else:
-            changed = {n: sp for n, sp in state.service_ports.items() if self._applied.get(n) is not sp}
-            removed = {n: sp for n, sp in self._applied.items() if n not in state.service_ports}
+            candidates = state.service_ports.keys() | self._applied.keys() if hint is None else {*hint, *self.failed}
+            changed = {n: sp for n in candidates if (sp := state.service_ports.get(n)) is not None
+                       and self._applied.get(n) is not sp}
+            removed = {n: self._applied[n] for n in candidates if n in self._applied and n not in state.service_ports}
         previous = {n: self._applied[n] for n in changed if n in self._applied} | removed
         removed_ids = {n: self.svc_ids[n] for n in removed}
         self._assign_svc_ids(changed)

@@ -14,10 +14,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import structlog
 import yaml
 
 from ctlb import errors, kubeobjects, model
-from ctlb.sources import inotify
+from ctlb.sources import inotify, store
+
+log = structlog.get_logger()
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -37,7 +40,7 @@ class _Decoded:
 
 
 def load(paths: Sequence[pathlib.Path]) -> model.Snapshot:
-    """Read every object in the given files and folders.
+    """Read every object in the given files and folders, once.
 
     Args:
         paths: files, or folders searched recursively for `*.yaml`, `*.yml` and `*.json`.
@@ -47,43 +50,57 @@ def load(paths: Sequence[pathlib.Path]) -> model.Snapshot:
         name replaces the earlier one), and a problem for each unreadable path, undecodable file
         and invalid object.
     """
-    return ManifestReader(paths).read()
+    objects = store.ObjectStore()
+    ManifestReader(paths).refresh(objects)
+    return objects.snapshot()
 
 
 @dataclass(frozen=True, slots=True)
 class _Parsed:
-    """One file's objects, in document order, and its problems."""
+    """One file's objects, by key in document order, and its problems."""
 
     signature: _FileSignature
-    # (kind, namespace, name) with each object: computed once per parse, since merging and
-    # ordering tens of thousands of objects on every change would otherwise rebuild them all.
-    objects: tuple[tuple[tuple[str, str, str], model.KubeObject], ...]
+    objects: dict[store.Key, model.KubeObject]
     problems: tuple[model.Problem, ...]
 
 
 class ManifestReader:
-    """Reads the manifests again and again, decoding only the files that changed.
+    """Keeps an object store equal to what the manifests hold, decoding only changed files.
 
-    An unchanged file's objects are handed on as the very same values, so later stages can
-    tell by identity what did not change.
+    Each refresh re-reads the files whose metadata changed and writes only the objects that
+    differ into the store, so a change to one small file costs that file, whatever the rest hold.
+    A file that stops decoding keeps its objects as they last were, and so does an object whose
+    new version is invalid: a user's bad edit never withdraws what is served.
     """
+
+    _PATHS_ORIGIN = "manifest paths"
 
     def __init__(self, paths: Sequence[pathlib.Path]) -> None:
         self.paths = tuple(paths)
         self._files: dict[pathlib.Path, _Parsed] = {}
+        self._order: dict[pathlib.Path, int] = {}
+        # The files holding each key: the last one in file order wins, as a later duplicate does.
+        self._holders: dict[store.Key, set[pathlib.Path]] = {}
 
-    def read(self) -> model.Snapshot:
+    def refresh(self, into: store.ObjectStore) -> None:
         files, problems = _manifest_files(self.paths)
-        self._files = {path: self._parsed(path) for path in files}
-        objects: dict[tuple[str, str, str], model.KubeObject] = {}
-        for parsed in self._files.values():
-            objects.update(parsed.objects)
-            problems.extend(parsed.problems)
-        return _snapshot([obj for _, obj in sorted(objects.items(), key=_first)], problems=problems)
+        into.set_problems(self._PATHS_ORIGIN, problems)
+        self._order = {path: index for index, path in enumerate(files)}
+        touched: set[store.Key] = set()
+        for path in [p for p in self._files if p not in self._order]:
+            touched.update(self._forget(path, into))
+        for path in files:
+            cached = self._files.get(path)
+            parsed = self._parsed(path, cached)
+            if parsed is cached:
+                continue
+            touched.update(self._replace(path, cached, parsed))
+            into.set_problems(_origin(path), parsed.problems)
+        for key in touched:
+            self._publish(key, into)
 
-    def _parsed(self, path: pathlib.Path) -> _Parsed:
+    def _parsed(self, path: pathlib.Path, cached: _Parsed | None) -> _Parsed:
         signature = _file_signature(path)
-        cached = self._files.get(path)
         if cached is not None and cached.signature == signature and signature[1] is not None:
             return cached
         decoded = _decode(path)
@@ -93,8 +110,66 @@ class ManifestReader:
             problems.extend(_add_objects(document, into=into, source=path, index=index))
         if decoded.problem is not None:
             problems.append(decoded.problem)
-        keyed = tuple(((ref.kind, ref.namespace, ref.name), obj) for ref, obj in into.items())
-        return _Parsed(signature=signature, objects=keyed, problems=tuple(problems))
+        objects = {(ref.kind, ref.namespace, ref.name): obj for ref, obj in into.items()}
+        if cached is not None and problems:
+            objects = _with_last_good(objects, cached.objects, problems=problems, file_broken=decoded.problem is not None)
+        return _Parsed(signature=signature, objects=objects, problems=tuple(problems))
+
+    def _replace(self, path: pathlib.Path, old: _Parsed | None, new: _Parsed) -> set[store.Key]:
+        self._files[path] = new
+        old_objects = old.objects if old is not None else {}
+        for key in old_objects.keys() - new.objects.keys():
+            self._unhold(key, path)
+        for key in new.objects.keys() - old_objects.keys():
+            self._holders.setdefault(key, set()).add(path)
+        return {key for key in old_objects.keys() | new.objects.keys()
+                if old_objects.get(key) is not new.objects.get(key)}
+
+    def _forget(self, path: pathlib.Path, into: store.ObjectStore) -> set[store.Key]:
+        """A file that vanished: its objects go, unless another file holds them too."""
+        parsed = self._files.pop(path)
+        for key in parsed.objects:
+            self._unhold(key, path)
+        into.set_problems(_origin(path), [])
+        return set(parsed.objects)
+
+    def _unhold(self, key: store.Key, path: pathlib.Path) -> None:
+        holders = self._holders[key]
+        holders.discard(path)
+        if not holders:
+            del self._holders[key]
+
+    def _publish(self, key: store.Key, into: store.ObjectStore) -> None:
+        holders = self._holders.get(key)
+        if not holders:
+            into.delete(key)
+            return
+        winner = max(holders, key=self._order.__getitem__)
+        into.put(self._files[winner].objects[key])
+
+
+def _origin(path: pathlib.Path) -> str:
+    return f"file {path}"
+
+
+def _with_last_good(
+    objects: dict[store.Key, model.KubeObject],
+    previous: dict[store.Key, model.KubeObject],
+    *,
+    problems: Sequence[model.Problem],
+    file_broken: bool,
+) -> dict[store.Key, model.KubeObject]:
+    """`objects` plus the previous version of each object a problem made disappear.
+
+    After a decoding error the objects past it cannot be told apart from deleted ones until the
+    file is fixed, so all of the file's previous objects stay; otherwise only those a problem names.
+    """
+    broken = {p.ref for p in problems}
+    kept = {key: obj for key, obj in previous.items()
+            if key not in objects and (file_broken or str(obj.ref) in broken)}
+    for obj in kept.values():
+        log.warning("object_kept_last_valid_version", object=str(obj.ref))
+    return {**objects, **kept}
 
 
 class ManifestWatcher:
@@ -268,19 +343,3 @@ def _add_objects(
             continue
         into[obj.ref] = obj
     return problems
-
-
-def _first(item: tuple[tuple[str, str, str], model.KubeObject]) -> tuple[str, str, str]:
-    return item[0]
-
-
-def _snapshot(ordered: Sequence[model.KubeObject], *, problems: Sequence[model.Problem]) -> model.Snapshot:
-    """A snapshot of objects already in reference order (kind, namespace, name)."""
-    return model.Snapshot(
-        services=tuple(obj for obj in ordered if isinstance(obj, model.Service)),
-        endpoint_slices=tuple(obj for obj in ordered if isinstance(obj, model.EndpointSlice)),
-        nodes=tuple(obj for obj in ordered if isinstance(obj, model.Node)),
-        namespaces=tuple(obj for obj in ordered if isinstance(obj, model.Namespace)),
-        pods=tuple(obj for obj in ordered if isinstance(obj, model.Pod)),
-        problems=tuple(problems),
-    )

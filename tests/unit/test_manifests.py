@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from ctlb import model
-from ctlb.sources import manifests
+from ctlb.sources import manifests, store
 
 SERVICE = """\
 apiVersion: v1
@@ -368,19 +368,80 @@ def test_watcher_reports_a_missing_path_appearing(tmp_path: pathlib.Path) -> Non
     assert watcher.changed() is True
 
 
-def test_reader_hands_on_unchanged_files_objects_as_the_same_values(tmp_path: pathlib.Path) -> None:
-    """Later stages skip work by identity: an untouched file must not be decoded again."""
+def _refreshed(reader: manifests.ManifestReader, objects: store.ObjectStore) -> store.Changes | None:
+    reader.refresh(objects)
+    return objects.take()
+
+
+def test_refresh_writes_only_the_objects_that_changed(tmp_path: pathlib.Path) -> None:
+    """Later stages work per change: an untouched file must not be decoded again, nor its
+    objects reported as changed."""
     a = tmp_path / "a.yaml"
     b = tmp_path / "b.yaml"
     a.write_text(SERVICE)
     b.write_text(SERVICE.replace("name: web", "name: other"))
-    reader = manifests.ManifestReader([tmp_path])
-    first = {s.name: s for s in reader.read().services}
+    reader, objects = manifests.ManifestReader([tmp_path]), store.ObjectStore()
+    first = _refreshed(reader, objects)
+    assert first is not None and set(first.keys) == {("Service", "shop", "web"), ("Service", "shop", "other")}
+    web = objects.get(("Service", "shop", "web"))
     b.write_text(SERVICE.replace("name: web", "name: other").replace("10.96.12.34", "10.96.12.35"))
-    second = {s.name: s for s in reader.read().services}
-    assert second["web"] is first["web"]
-    assert second["other"] is not first["other"]
-    assert str(second["other"].cluster_ips[0]) == "10.96.12.35"
+    second = _refreshed(reader, objects)
+    assert second is not None and list(second.keys) == [("Service", "shop", "other")]
+    assert objects.get(("Service", "shop", "web")) is web
+    other = objects.get(("Service", "shop", "other"))
+    assert isinstance(other, model.Service) and str(other.cluster_ips[0]) == "10.96.12.35"
+    assert _refreshed(reader, objects) is None
+
+
+def test_removed_file_deletes_its_objects_unless_another_file_holds_them(tmp_path: pathlib.Path) -> None:
+    a = _write(tmp_path / "a.yaml", SERVICE)
+    b = _write(tmp_path / "b.yaml", SERVICE.replace("10.96.12.34", "10.96.12.35"))
+    reader, objects = manifests.ManifestReader([tmp_path]), store.ObjectStore()
+    reader.refresh(objects)
+    web = objects.get(("Service", "shop", "web"))
+    assert isinstance(web, model.Service) and str(web.cluster_ips[0]) == "10.96.12.35", "the later file wins"
+    b.unlink()
+    reader.refresh(objects)
+    web = objects.get(("Service", "shop", "web"))
+    assert isinstance(web, model.Service) and str(web.cluster_ips[0]) == "10.96.12.34"
+    a.unlink()
+    reader.refresh(objects)
+    assert objects.keys("Service") == []
+
+
+def test_object_turned_invalid_keeps_its_last_valid_version_until_fixed(tmp_path: pathlib.Path) -> None:
+    path = _write(tmp_path / "a.yaml", SERVICE)
+    reader, objects = manifests.ManifestReader([tmp_path]), store.ObjectStore()
+    reader.refresh(objects)
+    valid = objects.get(("Service", "shop", "web"))
+    _write(path, SERVICE.replace("port: 80", "port: 70000"))
+    reader.refresh(objects)
+    assert objects.get(("Service", "shop", "web")) is valid
+    assert [p.ref for p in objects.problems()] == ["Service shop/web"]
+    _write(path, SERVICE.replace("10.96.12.34", "10.96.12.99"))
+    reader.refresh(objects)
+    web = objects.get(("Service", "shop", "web"))
+    assert isinstance(web, model.Service) and str(web.cluster_ips[0]) == "10.96.12.99"
+    assert objects.problems() == []
+
+
+def test_file_that_stops_decoding_keeps_all_its_objects(tmp_path: pathlib.Path) -> None:
+    path = _write(tmp_path / "a.yaml", SERVICE + "---\n" + SERVICE.replace("name: web", "name: api"))
+    reader, objects = manifests.ManifestReader([tmp_path]), store.ObjectStore()
+    reader.refresh(objects)
+    _write(path, SERVICE + "---\nkind: [unclosed\n")
+    reader.refresh(objects)
+    assert sorted(objects.keys("Service")) == [("Service", "shop", "api"), ("Service", "shop", "web")]
+    assert [p.ref for p in objects.problems()] == [f"file {path}"]
+
+
+def test_deleted_object_is_not_kept(tmp_path: pathlib.Path) -> None:
+    path = _write(tmp_path / "a.yaml", SERVICE + "---\n" + SERVICE.replace("name: web", "name: api"))
+    reader, objects = manifests.ManifestReader([tmp_path]), store.ObjectStore()
+    reader.refresh(objects)
+    _write(path, SERVICE)
+    reader.refresh(objects)
+    assert objects.keys("Service") == [("Service", "shop", "web")]
 
 
 def test_watcher_wakes_at_once_when_a_file_is_renamed_into_place(tmp_path: pathlib.Path) -> None:

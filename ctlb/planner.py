@@ -1,0 +1,185 @@
+"""The desired state, kept current as objects change: `semantics` applied to what moved only.
+
+The planner holds each Service's service-port states and who claims each frontend. A change to
+one EndpointSlice recomputes that slice's Service and touches the service ports whose frontends
+it shares; nothing walks all Services again, so one change costs the same at 10 Services or 10k.
+
+It also owns the one rule that spans Services: a frontend claimed by two service ports belongs to
+the first by namespace/name (and, within a Service, by port order); the other keeps the rest of
+its frontends and is reported. kube-proxy would program both and let the first rule win; ctlb
+must choose one, and says so.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import replace
+
+from ctlb import desired, model, semantics
+from ctlb.sources import store
+
+_ServiceKey = tuple[str, str]
+# Claim order: the claiming Service's namespace and name, then the state's index within it.
+_Order = tuple[str, str, int]
+
+
+class Planner:
+    def __init__(self, node_name: str) -> None:
+        self.node_name = node_name
+        self._raw: dict[_ServiceKey, list[desired.ServicePortState]] = {}
+        self._raw_by_name: dict[desired.ServicePortName, desired.ServicePortState] = {}
+        self._claims: dict[desired.Frontend, list[tuple[_Order, desired.ServicePortName]]] = {}
+        self._kept: dict[desired.ServicePortName, desired.ServicePortState] = {}
+        self._conflicts: dict[desired.ServicePortName, list[model.Problem]] = {}
+        self.frontend_count = 0
+
+    def update(self, objects: store.ObjectStore, changes: store.Changes | None) -> set[desired.ServicePortName]:
+        """Brings the plan up to date with `objects`.
+
+        Args:
+            objects: the store, read under its lock by the caller.
+            changes: what changed since the last update; None recomputes every Service.
+
+        Returns:
+            The service ports whose desired state was added, changed or removed.
+        """
+        node = objects.get(("Node", "", self.node_name))
+        services = self._dirty_services(objects, changes)
+        touched: set[desired.ServicePortName] = set()
+        contested: set[desired.Frontend] = set()
+        for key in services:
+            touched.update(self._recompute(key, objects, node=node, contested=contested))
+        for frontend in contested:
+            touched.update(name for _, name in self._claims.get(frontend, ()))
+        return {name for name in touched if self._settle(name)}
+
+    def state(self) -> desired.DesiredState:
+        """The current plan. The mapping is the planner's own: read it before the next update."""
+        problems = sorted({p for group in self._conflicts.values() for p in group})
+        return desired.DesiredState(service_ports=self._kept, problems=tuple(problems))
+
+    # --- which Services to recompute --------------------------------------------------------
+
+    def _dirty_services(self, objects: store.ObjectStore, changes: store.Changes | None) -> Iterable[_ServiceKey]:
+        if changes is None:
+            return self._every_service(objects)
+        dirty: set[_ServiceKey] = set()
+        for key, before in changes.before.items():
+            kind, namespace, name = key
+            if kind == "Service":
+                dirty.add((namespace, name))
+            elif kind == "EndpointSlice":
+                # Both the Service it belonged to and the one it belongs to now.
+                for obj in (before, objects.get(key)):
+                    if isinstance(obj, model.EndpointSlice):
+                        dirty.add((namespace, obj.service_name))
+            elif kind == "Node" and name == self.node_name:
+                return self._every_service(objects)  # node addresses and zone reach every Service
+        return sorted(dirty)
+
+    def _every_service(self, objects: store.ObjectStore) -> list[_ServiceKey]:
+        return sorted({(ns, name) for _, ns, name in objects.keys("Service")} | set(self._raw))
+
+    def _recompute(self, key: _ServiceKey, objects: store.ObjectStore, *, node: model.KubeObject | None,
+                   contested: set[desired.Frontend]) -> set[desired.ServicePortName]:
+        """Recomputes one Service; returns its old and new service-port names, and adds every
+        frontend it claimed or claims to `contested`."""
+        service = objects.get(("Service", *key))
+        node = node if isinstance(node, model.Node) else None
+        new: list[desired.ServicePortState] = []
+        if isinstance(service, model.Service) and semantics.is_proxied(service):
+            new = semantics.service_port_states(service, slices=objects.slices_of(*key), node=node)
+        old = self._raw.get(key, [])
+        # Equal results keep the old values, so later stages can tell by identity that nothing moved.
+        old_by_name = {state.name: state for state in old}
+        new = [old_by_name[s.name] if old_by_name.get(s.name) == s else s for s in new]
+        if len(new) == len(old) and all(a is b for a, b in zip(new, old)):
+            return set()
+        self._unclaim(key, old)
+        self._claim(key, new)
+        for state in old:
+            del self._raw_by_name[state.name]
+            contested.update(state.frontends)
+        for state in new:
+            self._raw_by_name[state.name] = state
+            contested.update(state.frontends)
+        if new:
+            self._raw[key] = new
+        else:
+            self._raw.pop(key, None)
+        return {state.name for state in old} | {state.name for state in new}
+
+    # --- frontend claims --------------------------------------------------------------------
+
+    def _claim(self, key: _ServiceKey, states: list[desired.ServicePortState]) -> None:
+        for index, state in enumerate(states):
+            for frontend in state.frontends:
+                bisect.insort(self._claims.setdefault(frontend, []), ((*key, index), state.name))
+
+    def _unclaim(self, key: _ServiceKey, states: list[desired.ServicePortState]) -> None:
+        for index, state in enumerate(states):
+            for frontend in state.frontends:
+                claims = self._claims[frontend]
+                claims.remove(((*key, index), state.name))
+                if not claims:
+                    del self._claims[frontend]
+
+    def _settle(self, name: desired.ServicePortName) -> bool:
+        """Gives `name` the frontends it owns; True if its desired state changed."""
+        raw = self._raw_by_name.get(name)
+        previous = self._kept.get(name)
+        kept, problems = (None, []) if raw is None else self._owned(raw)
+        if problems:
+            self._conflicts[name] = problems
+        else:
+            self._conflicts.pop(name, None)
+        if kept is None:
+            if previous is None:
+                return False
+            self.frontend_count -= len(previous.frontends)
+            del self._kept[name]
+            return True
+        if previous is not None and previous == kept:
+            return False
+        self.frontend_count += len(kept.frontends) - (len(previous.frontends) if previous else 0)
+        self._kept[name] = kept
+        return True
+
+    def _owned(self, raw: desired.ServicePortState) -> tuple[desired.ServicePortState | None, list[model.Problem]]:
+        owned: dict[desired.Frontend, desired.FrontendKind] = {}
+        problems: list[model.Problem] = []
+        for frontend, kind in raw.frontends.items():
+            owner = self._claims[frontend][0][1]
+            if owner == raw.name:
+                owned[frontend] = kind
+            else:
+                problems.append(_conflict_problem(raw.name, frontend=frontend, owner=owner))
+        if len(owned) == len(raw.frontends):
+            return raw, problems
+        # A service port left with no frontend is dropped: nothing could reach it.
+        return (replace(raw, frontends=owned) if owned else None), problems
+
+
+def _conflict_problem(
+    loser: desired.ServicePortName, *, frontend: desired.Frontend, owner: desired.ServicePortName
+) -> model.Problem:
+    ref = model.ObjectRef("Service", loser.namespace, loser.name)
+    reason = f"frontend {frontend} already used by Service {owner.namespace}/{owner.name}"
+    return model.Problem(ref=str(ref), reason=reason)
+
+
+def desired_state(
+    *,
+    services: Iterable[model.Service],
+    endpoint_slices: Iterable[model.EndpointSlice],
+    node: model.Node | None,
+) -> desired.DesiredState:
+    """The desired state of a set of objects, planned once: for tests and one-off readers."""
+    objects = store.ObjectStore()
+    for obj in (*services, *endpoint_slices, *((node,) if node is not None else ())):
+        objects.put(obj)
+    planner = Planner(node.name if node is not None else "")
+    planner.update(objects, None)
+    state = planner.state()
+    return desired.DesiredState(service_ports=dict(sorted(state.service_ports.items())), problems=state.problems)
