@@ -15,7 +15,7 @@ from typing import Protocol
 import structlog
 
 from ctlb import datapath, desired, model, planner, statefile
-from ctlb.datapath import reconcile
+from ctlb.datapath import reconcile, sockdiag
 from ctlb.sources import manifests, store
 
 log = structlog.get_logger()
@@ -88,6 +88,7 @@ class Agent:
         self.store = objects
         self.datapath = dp
         self.planner = planner.Planner(config.node_name)
+        self._udp_backends = sockdiag.UdpBackends()
         self._reported: set[model.Problem] = set()
         # The desired view's digest, kept as a sum over service ports so a change costs its port.
         self._digest_of: dict[desired.ServicePortName, int] = {}
@@ -113,6 +114,7 @@ class Agent:
         decided = time.perf_counter()
         outcome = self.datapath.apply(plan, hint=None if first else changed)
         programmed = time.perf_counter()
+        self._end_stale_udp_flows(changed, plan)
         problems = sorted({*source_problems, *plan.problems, *outcome.problems})
         self._report(problems)
         names_changed = self._record(plan, changed, outcome, problems)
@@ -130,6 +132,14 @@ class Agent:
                  deletes=outcome.deletes, problems=len(problems), in_sync=self.state.in_sync, **timings)
         return True
 
+    def _end_stale_udp_flows(self, moved: planner.Moved, plan: desired.DesiredState) -> None:
+        """Connected UDP sockets keep the backend they got at connect: when it serves no UDP
+        Service any more, end them so the application's next socket is balanced afresh."""
+        gone = self._udp_backends.update(moved, plan.service_ports)
+        if gone and self.state.syncs > 0:
+            destroyed = sockdiag.destroy_udp_sockets_to(gone, cgroup=self.config.cgroup)
+            log.info("stale_udp_flows_ended", backends=sorted(str(b) for b in gone), sockets=destroyed)
+
     def _report(self, problems: Sequence[model.Problem]) -> None:
         """Logs each problem once, when it appears, and says when it is gone."""
         current = set(problems)
@@ -139,7 +149,7 @@ class Agent:
             log.info("object_problem_resolved", object=p.ref)
         self._reported = current
 
-    def _record(self, plan: desired.DesiredState, changed: set[desired.ServicePortName],
+    def _record(self, plan: desired.DesiredState, changed: planner.Moved,
                 outcome: reconcile.Outcome, problems: Sequence[model.Problem]) -> bool:
         """Brings the state file's account up to date with the changed service ports only;
         True if the names (ids, frontends) changed and must be written again."""

@@ -22,6 +22,8 @@ from ctlb.sources import store
 _ServiceKey = tuple[str, str]
 # Claim order: the claiming Service's namespace and name, then the state's index within it.
 _Order = tuple[str, str, int]
+# Service ports whose desired state moved, with the state each had before (None: new).
+Moved = dict[desired.ServicePortName, desired.ServicePortState | None]
 
 
 class Planner:
@@ -34,7 +36,7 @@ class Planner:
         self._conflicts: dict[desired.ServicePortName, list[model.Problem]] = {}
         self.frontend_count = 0
 
-    def update(self, objects: store.ObjectStore, changes: store.Changes | None) -> set[desired.ServicePortName]:
+    def update(self, objects: store.ObjectStore, changes: store.Changes | None) -> Moved:
         """Brings the plan up to date with `objects`.
 
         Args:
@@ -42,7 +44,8 @@ class Planner:
             changes: what changed since the last update; None recomputes every Service.
 
         Returns:
-            The service ports whose desired state was added, changed or removed.
+            The service ports whose desired state was added, changed or removed, each with the
+            state it had before (None if it is new).
         """
         node = objects.get(("Node", "", self.node_name))
         services = self._dirty_services(objects, changes)
@@ -52,7 +55,12 @@ class Planner:
             touched.update(self._recompute(key, objects, node=node, contested=contested))
         for frontend in contested:
             touched.update(name for _, name in self._claims.get(frontend, ()))
-        return {name for name in touched if self._settle(name)}
+        moved: Moved = {}
+        for name in touched:
+            previous = self._kept.get(name)
+            if self._settle(name):
+                moved[name] = previous
+        return moved
 
     def state(self) -> desired.DesiredState:
         """The current plan. The mapping is the planner's own: read it before the next update."""

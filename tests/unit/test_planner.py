@@ -83,7 +83,8 @@ def test_incremental_plan_equals_planning_afresh_after_every_change(seed: int) -
         assert plan.frontend_count == fresh.frontend_count()
         moved = {n for n in before.keys() | state.service_ports.keys()
                  if before.get(n) != state.service_ports.get(n)}
-        assert moved <= changed, "every moved service port is reported"
+        assert moved <= changed.keys(), "every moved service port is reported"
+        assert all(changed[n] is before.get(n) for n in changed), "with the state it had before"
         assert all(before.get(n) is not state.service_ports.get(n) for n in changed), "unmoved ports keep identity"
         before = dict(state.service_ports)
 
@@ -152,4 +153,4 @@ def test_nothing_changed_reports_nothing() -> None:
     objects.put(dataclasses.replace(_web()))  # an equal value is no change at all
     assert objects.take() is None
     assert plan.update(objects, store.Changes(before={("Service", "shop", "web"): _web()},
-                                              problems_changed=False)) == set()
+                                              problems_changed=False)) == {}
