@@ -106,7 +106,8 @@ class ServicePortState:
     source_ranges: tuple[SourceRange, ...] = ()
     # This node's endpoints, for external traffic under externalTrafficPolicy Local (the tc NodePort
     # path); None when externalTrafficPolicy is Cluster or the service port is not externally
-    # accessible. Empty while `external_backends or backends` is not: drop such traffic.
+    # accessible. When empty: drop such traffic if the cluster-wide set (`external_backends`, else
+    # `backends`) has endpoints, refuse it if not.
     local_backends: tuple[Backend, ...] | None = None
 
 
