@@ -1,13 +1,14 @@
 """The desired datapath state: what `semantics` decides and the datapath programs.
 
 A *service port* (kube-proxy's ServicePortName, per address family) owns a set of frontends
-(the addresses clients dial) and one ordered backend list. The datapath gives each service port a
-stable id and points all its frontends at one backend set.
+(the addresses clients dial) and the backends each kind of frontend leads to. The datapath gives
+each service port a stable id; in the common case every frontend points at one backend set.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -67,12 +68,47 @@ class ServicePortName:
         return f"{self.namespace}/{self.name}{port}/{self.protocol}/{self.family}"
 
 
+SourceRange = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 @dataclass(frozen=True, slots=True)
 class ServicePortState:
+    """One service port of one family: its frontends and what a connection to each gets.
+
+    Which backends a connection made by a socket on this node gets depends on the frontend's kind:
+
+    - ClusterIP frontends: `backends`. Empty means refuse (ECONNREFUSED, kube-proxy's REJECT),
+      unless `drop` is set: then the connection is dropped (the client times out, kube-proxy's DROP).
+    - ExternalIP, LoadBalancer and NodePort frontends: `external_backends`, or `backends` (and
+      `drop`) when it is None. Empty means refuse. kube-proxy sends node-local clients of these
+      frontends to the cluster-wide set whatever the externalTrafficPolicy (its short-circuit).
+
+    Every tuple of backends is sorted and de-duplicated. `local_backends` and `source_ranges` are
+    for traffic arriving from outside the node (a tc path); nothing consumes them yet.
+    """
+
     name: ServicePortName
     frontends: Mapping[Frontend, FrontendKind]
-    backends: tuple[Backend, ...]  # sorted, de-duplicated; empty means refuse
+    # What a socket on this node gets at a ClusterIP frontend: internalTrafficPolicy and topology
+    # applied.
+    backends: tuple[Backend, ...]
     affinity_timeout: int | None = None  # seconds of ClientIP affinity, None for none
+    # `backends` is empty only because internalTrafficPolicy is Local and this node has no endpoint
+    # while other nodes do: drop, do not refuse.
+    drop: bool = False
+    # What a socket on this node gets at ExternalIP, LoadBalancer and NodePort frontends (the
+    # cluster-wide, topology-filtered set); None when equal to `backends` (the common case), or
+    # when the Service is not externally accessible in this family (no external IP, LoadBalancer
+    # IP or node port).
+    external_backends: tuple[Backend, ...] | None = None
+    # loadBalancerSourceRanges of this family, for the LoadBalancer frontends; () when the service
+    # port has no LoadBalancer frontend of this family or no ranges of this family (no restriction).
+    source_ranges: tuple[SourceRange, ...] = ()
+    # This node's endpoints, for external traffic under externalTrafficPolicy Local (the tc NodePort
+    # path); None when externalTrafficPolicy is Cluster or the service port is not externally
+    # accessible. When empty: drop such traffic if the cluster-wide set (`external_backends`, else
+    # `backends`) has endpoints, refuse it if not.
+    local_backends: tuple[Backend, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

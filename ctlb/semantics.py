@@ -146,10 +146,27 @@ def service_port_states(
     slices: Sequence[model.EndpointSlice],
     node: model.Node | None,
 ) -> list[desired.ServicePortState]:
+    """kube-proxy's rules for one proxied Service: one state per (family, Service port).
+
+    Args:
+        service: the Service (one `is_proxied` accepts).
+        slices: its EndpointSlices, of every address type, in any order.
+        node: this node (its name says which endpoints are local, its zone label drives topology,
+            its addresses carry node ports); None gives no local endpoints, no topology and no
+            node-port frontends.
+
+    Returns:
+        The service ports, by family (IPv4 first), then in the Service's port order.
+    """
+    here = _NodeTopology.of(node)
     states: list[desired.ServicePortState] = []
     for family in _families(service):
-        family_slices = [s for s in slices if s.address_type == family]
+        family_slices = _slices_of_family(slices, family)
         for port in service.ports:
+            frontends = _frontends(service, port=port, family=family, node=node)
+            endpoints = _categorize(_candidates(port, family_slices, family=family), here=here)
+            accessible = _externally_accessible(service, port=port, family=family)
+            policy = _apply_traffic_policies(service, endpoints=endpoints, externally_accessible=accessible)
             states.append(
                 desired.ServicePortState(
                     name=desired.ServicePortName(
@@ -159,9 +176,13 @@ def service_port_states(
                         protocol=port.protocol,
                         family=family,
                     ),
-                    frontends=_frontends(service, port=port, family=family, node=node),
-                    backends=_backends(_select_endpoints(_candidates(port, family_slices, family=family))),
+                    frontends=frontends,
+                    backends=policy.backends,
                     affinity_timeout=service.affinity_timeout,
+                    drop=policy.drop,
+                    external_backends=policy.external_backends,
+                    source_ranges=_source_ranges(service, frontends=frontends, family=family),
+                    local_backends=policy.local_backends,
                 )
             )
     return states
@@ -211,19 +232,115 @@ def _load_balancer_frontends(service: model.Service, *, port: model.ServicePort)
     ]
 
 
+def _has_node_port(service: model.Service, *, port: model.ServicePort) -> bool:
+    has_node_ports = service.type in (model.ServiceType.NODE_PORT, model.ServiceType.LOAD_BALANCER)
+    return has_node_ports and port.node_port is not None
+
+
 def _node_port_frontends(
     service: model.Service,
     *,
     port: model.ServicePort,
     node: model.Node | None,
 ) -> list[_FrontendRow]:
-    has_node_ports = service.type in (model.ServiceType.NODE_PORT, model.ServiceType.LOAD_BALANCER)
-    if not has_node_ports or port.node_port is None or node is None:
+    if not _has_node_port(service, port=port) or node is None or port.node_port is None:
         return []
     return [(address, port.node_port, desired.FrontendKind.NODE_PORT) for address in node.addresses]
 
 
-# --- backends --------------------------------------------------------------------------------
+def _externally_accessible(service: model.Service, *, port: model.ServicePort, family: model.IPFamily) -> bool:
+    """kube-proxy's ExternallyAccessible, per family: a node port, an external IP or a VIP-mode LB IP.
+
+    Decided from the Service, not from the frontends made: a node port counts even while this
+    node (and so its addresses) is unknown.
+    """
+    if _has_node_port(service, port=port):
+        return True
+    rows = (*_external_ip_frontends(service, port=port), *_load_balancer_frontends(service, port=port))
+    return any(model.family_of(address) == family for address, _, _ in rows)
+
+
+def _source_ranges(
+    service: model.Service,
+    *,
+    frontends: Mapping[desired.Frontend, desired.FrontendKind],
+    family: model.IPFamily,
+) -> tuple[desired.SourceRange, ...]:
+    """loadBalancerSourceRanges of this family, carried only when there is a LoadBalancer frontend.
+
+    kube-proxy keeps each family's ranges apart and restricts only LoadBalancer IPs (never node
+    ports or external IPs); a family with no range of its own is not restricted, even when the
+    other family has ranges.
+    """
+    if desired.FrontendKind.LOAD_BALANCER not in frontends.values():
+        return ()
+    version = 4 if family is model.IPFamily.IPv4 else 6
+    return tuple(network for network in service.load_balancer_source_ranges if network.version == version)
+
+
+# --- endpoints -------------------------------------------------------------------------------
+#
+# Followed: kube-proxy's pkg/proxy/endpointslicecache.go (conditions, de-duplication) and
+# pkg/proxy/topology.go (CategorizeEndpoints, topologyModeFromHints, availableForTopology) as of
+# Kubernetes 1.34 (kubernetes/kubernetes master at 008b3652, with PreferSameTrafficDistribution on,
+# its default since 1.34). Since 1.33 kube-proxy applies whatever hints the EndpointSlices carry:
+# it no longer reads the Service's trafficDistribution nor its topology-mode / topology-aware-hints
+# annotations (the EndpointSlice controller only writes hints when those ask for them).
+
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+# kube-proxy's topology modes (the values topologyModeFromHints returns).
+_NO_TOPOLOGY = ""
+_PREFER_SAME_ZONE = "PreferSameZone"
+_PREFER_SAME_NODE = "PreferSameNode"
+
+
+@dataclass(frozen=True, slots=True)
+class _NodeTopology:
+    """Where this node is, as kube-proxy sees it: its name and its zone label ("" when unknown)."""
+
+    name: str
+    zone: str
+
+    @classmethod
+    def of(cls, node: model.Node | None) -> _NodeTopology:
+        if node is None:
+            return cls(name="", zone="")
+        return cls(name=node.name, zone=dict(node.labels).get(ZONE_LABEL, ""))
+
+
+# Endpoint conditions as kube-proxy reads them (endpointslicecache.go): an unset ready or serving
+# is true (serving even when ready is false), an unset terminating is false.
+
+
+def _ready(endpoint: model.Endpoint) -> bool:
+    return endpoint.ready is not False
+
+
+def _serving(endpoint: model.Endpoint) -> bool:
+    return endpoint.serving is not False
+
+
+def _terminating(endpoint: model.Endpoint) -> bool:
+    return endpoint.terminating is True
+
+
+def _is_ready(candidate: _Candidate) -> bool:
+    return _ready(candidate.endpoint)
+
+
+def _is_serving_terminating(candidate: _Candidate) -> bool:
+    """KEP-1669: a terminating endpoint that still serves is a last resort."""
+    return _serving(candidate.endpoint) and _terminating(candidate.endpoint)
+
+
+def _is_local(candidate: _Candidate, *, here: _NodeTopology) -> bool:
+    return bool(here.name) and candidate.endpoint.node_name == here.name
+
+
+def _slices_of_family(slices: Iterable[model.EndpointSlice], family: model.IPFamily) -> list[model.EndpointSlice]:
+    """Only slices whose addressType is the frontend's family (FQDN slices never are)."""
+    return [s for s in slices if s.address_type == family]
 
 
 def _candidates(
@@ -247,7 +364,7 @@ def _candidates(
             # kube-proxy uses only the first address: the others are the same endpoint, not more.
             backend = desired.Backend(endpoint.addresses[0], slice_port.port)
             candidates.append(_Candidate(backend=backend, endpoint=endpoint))
-    return candidates
+    return _deduplicate(candidates)
 
 
 def _slice_port_for(port: model.ServicePort, endpoint_slice: model.EndpointSlice) -> model.EndpointPort | None:
@@ -257,19 +374,135 @@ def _slice_port_for(port: model.ServicePort, endpoint_slice: model.EndpointSlice
     return None
 
 
-def _select_endpoints(candidates: Sequence[_Candidate]) -> list[_Candidate]:
-    """The endpoints that receive traffic; later rules (policies, topology) filter here too."""
-    return _ready_endpoints(candidates)
+def _deduplicate(candidates: Iterable[_Candidate]) -> list[_Candidate]:
+    """One candidate per backend, before any rule looks at conditions.
+
+    Slices of one Service may list the same address and port: an endpoint moving between slices,
+    or a new pod reusing a terminating pod's IP. kube-proxy keeps a non-terminating copy over a
+    terminating one and leaves the choice among non-terminating copies undefined (Go map order);
+    here the most usable copy wins (ready, then serving), so the result never depends on order.
+    """
+    best: dict[desired.Backend, _Candidate] = {}
+    for candidate in candidates:
+        kept = best.get(candidate.backend)
+        if kept is None or _preference(candidate) < _preference(kept):
+            best[candidate.backend] = candidate
+    return list(best.values())
 
 
-def _ready_endpoints(candidates: Sequence[_Candidate]) -> list[_Candidate]:
-    # An unset ready condition counts as ready, as kube-proxy reads it.
-    return [c for c in candidates if c.endpoint.ready is not False]
+def _preference(candidate: _Candidate) -> tuple[bool, bool, bool, str, tuple[str, ...], tuple[str, ...]]:
+    endpoint = candidate.endpoint
+    return (_terminating(endpoint), not _ready(endpoint), not _serving(endpoint), endpoint.node_name or "",
+            tuple(sorted(endpoint.hint_zones)), tuple(sorted(endpoint.hint_nodes)))
+
+
+@dataclass(frozen=True, slots=True)
+class _Categories:
+    """kube-proxy's CategorizeEndpoints result (clusterEndpoints, localEndpoints, hasAnyEndpoints)."""
+
+    cluster: tuple[desired.Backend, ...]  # ready and topologically available; else serving-terminating
+    local: tuple[desired.Backend, ...]  # this node's ready ones; else this node's serving-terminating
+    has_any: bool  # a usable endpoint exists somewhere in the cluster
+
+
+def _categorize(candidates: Sequence[_Candidate], *, here: _NodeTopology) -> _Categories:
+    """Cluster-wide and node-local endpoints, each with its own terminating fallback (KEP-1669).
+
+    Topology narrows only the cluster-wide set; the local set is this node's whatever the hints.
+    Both sets are computed whatever the traffic policies: which one a frontend uses is decided by
+    `_apply_traffic_policies`.
+    """
+    return _Categories(
+        cluster=_backends(_cluster_endpoints(candidates, here=here)),
+        local=_backends(_local_endpoints(candidates, here=here)),
+        has_any=_has_any_endpoints(candidates),
+    )
+
+
+def _cluster_endpoints(candidates: Sequence[_Candidate], *, here: _NodeTopology) -> list[_Candidate]:
+    mode = _topology_mode(candidates, here=here)
+    ready = [c for c in candidates if _is_ready(c) and _available_for_topology(c, mode=mode, here=here)]
+    if ready:
+        return ready
+    # No ready endpoint anywhere (a topology mode is only chosen when a ready endpoint fits it), so
+    # fall back to the serving-terminating ones, without topology: a best effort not to refuse.
+    return [c for c in candidates if _is_serving_terminating(c)]
+
+
+def _local_endpoints(candidates: Sequence[_Candidate], *, here: _NodeTopology) -> list[_Candidate]:
+    local = [c for c in candidates if _is_local(c, here=here)]
+    ready = [c for c in local if _is_ready(c)]
+    return ready or [c for c in local if _is_serving_terminating(c)]
+
+
+def _has_any_endpoints(candidates: Sequence[_Candidate]) -> bool:
+    """kube-proxy's hasAnyEndpoints: some endpoint, on any node, is ready or serving-terminating."""
+    return any(_is_ready(c) or _is_serving_terminating(c) for c in candidates)
+
+
+def _topology_mode(candidates: Sequence[_Candidate], *, here: _NodeTopology) -> str:
+    """kube-proxy's topologyModeFromHints: which hints, if any, narrow the cluster-wide set.
+
+    Only ready endpoints are looked at. Node hints apply when every ready endpoint has one and at
+    least one names this node; else zone hints apply when every ready endpoint has one and at least
+    one names this node's zone (never when the node has no zone label, unless a hint names the
+    empty zone, as in kube-proxy); else none do and every ready endpoint is used.
+    """
+    ready = [c.endpoint for c in candidates if _is_ready(c)]
+    if not ready:
+        return _NO_TOPOLOGY
+    if all(e.hint_nodes for e in ready) and any(here.name in e.hint_nodes for e in ready):
+        return _PREFER_SAME_NODE
+    if all(e.hint_zones for e in ready) and any(here.zone in e.hint_zones for e in ready):
+        return _PREFER_SAME_ZONE
+    return _NO_TOPOLOGY
+
+
+def _available_for_topology(candidate: _Candidate, *, mode: str, here: _NodeTopology) -> bool:
+    """kube-proxy's availableForTopology: no fallback here, that happened in choosing the mode."""
+    if mode == _PREFER_SAME_NODE:
+        return here.name in candidate.endpoint.hint_nodes
+    if mode == _PREFER_SAME_ZONE:
+        return here.zone in candidate.endpoint.hint_zones
+    return True
 
 
 def _backends(selected: Iterable[_Candidate]) -> tuple[desired.Backend, ...]:
-    # Slices of one Service may list the same endpoint (e.g. while the controller moves it).
-    return tuple(sorted({candidate.backend for candidate in selected}))
+    # Candidates are de-duplicated already; every rule is a filter, so only the output is sorted.
+    return tuple(sorted(candidate.backend for candidate in selected))
+
+
+# --- traffic policies ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _PolicyResult:
+    backends: tuple[desired.Backend, ...]
+    drop: bool
+    external_backends: tuple[desired.Backend, ...] | None
+    local_backends: tuple[desired.Backend, ...] | None
+
+
+def _apply_traffic_policies(
+    service: model.Service, *, endpoints: _Categories, externally_accessible: bool
+) -> _PolicyResult:
+    """Which endpoint set each kind of frontend leads to, as kube-proxy's iptables proxier wires it.
+
+    - ClusterIP frontends follow internalTrafficPolicy: Local means this node's endpoints only.
+      With none here while other nodes have some, kube-proxy DROPs (the client times out); with
+      none anywhere it REJECTs (refused), as it does under either policy.
+    - A socket on this node reaching an ExternalIP, LoadBalancer IP or node port is short-circuited
+      to the cluster-wide set (kube-proxy's EXT chain jumps pod and host traffic to the cluster
+      policy chain) whatever the externalTrafficPolicy and the internalTrafficPolicy.
+    - externalTrafficPolicy Local restricts only traffic from outside the node: `local_backends`.
+    """
+    internal_local = service.internal_traffic_policy is model.TrafficPolicy.LOCAL
+    backends = endpoints.local if internal_local else endpoints.cluster
+    drop = internal_local and not backends and endpoints.has_any
+    external = endpoints.cluster if externally_accessible and endpoints.cluster != backends else None
+    external_local = service.external_traffic_policy is model.TrafficPolicy.LOCAL
+    local = endpoints.local if external_local and externally_accessible else None
+    return _PolicyResult(backends=backends, drop=drop, external_backends=external, local_backends=local)
 
 
 # --- conflicts -------------------------------------------------------------------------------
@@ -312,9 +545,15 @@ def _with_frontends(
 ) -> desired.ServicePortState:
     if frontends == state.frontends:
         return state
+    # Every other field stays: the backends a kind of frontend leads to do not depend on which
+    # frontends of that kind survived.
     return desired.ServicePortState(
         name=state.name,
         frontends=dict(frontends),
         backends=state.backends,
         affinity_timeout=state.affinity_timeout,
+        drop=state.drop,
+        external_backends=state.external_backends,
+        source_ranges=state.source_ranges,
+        local_backends=state.local_backends,
     )
