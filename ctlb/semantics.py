@@ -1,14 +1,15 @@
-"""kube-proxy's rules, in one place: from Services and EndpointSlices to the desired state.
+"""kube-proxy's rules, in one place: from one Service, its EndpointSlices and this node to the
+desired state of its service ports.
 
 Pure: values in, values out. It decides which Services are proxied, which frontends (cluster,
-external, LoadBalancer and node-port addresses) each service port has, and which endpoints back it.
-Each rule is a named function, so traffic policies, topology and terminating endpoints slot in as
-further steps of `_select_endpoints` without touching the rest.
+external, LoadBalancer and node-port addresses) each service port has, and which endpoints back
+each kind of frontend (conditions, terminating fallback, topology, traffic policies). Each rule is
+a named function. What spans Services (a frontend claimed twice) and incremental recomputation
+live in `ctlb.planner`, which calls `service_port_states` per Service.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -32,98 +33,6 @@ class _Candidate:
 
     backend: desired.Backend
     endpoint: model.Endpoint
-
-
-class Memo:
-    """Remembers each Service's service-port states, keyed by the identity of its inputs.
-
-    Sources hand on unchanged objects as the same values, so a Service whose object, slices and
-    node are the very same objects as last time gets last time's states without recomputing:
-    one changed EndpointSlice costs one Service, not all of them. The result never depends on
-    the memo, only the work does.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple[str, str], _MemoEntry] = {}
-        self._next: dict[tuple[str, str], _MemoEntry] = {}
-
-    def states(
-        self,
-        service: model.Service,
-        *,
-        slices: Sequence[model.EndpointSlice],
-        node: model.Node | None,
-    ) -> list[desired.ServicePortState]:
-        key = (service.namespace, service.name)
-        entry = self._entries.get(key)
-        if entry is None or not entry.matches(service, slices, node):
-            entry = _MemoEntry(service, tuple(slices), node, service_port_states(service, slices=slices, node=node))
-        self._next[key] = entry
-        return entry.states
-
-    def rotate(self) -> None:
-        """Forgets the Services the last pass did not ask about (deleted ones)."""
-        self._entries, self._next = self._next, {}
-
-
-@dataclass(frozen=True, slots=True)
-class _MemoEntry:
-    service: model.Service
-    slices: tuple[model.EndpointSlice, ...]
-    node: model.Node | None
-    states: list[desired.ServicePortState]
-
-    def matches(self, service: model.Service, slices: Sequence[model.EndpointSlice], node: model.Node | None) -> bool:
-        return (self.service is service and self.node is node and len(self.slices) == len(slices)
-                and all(a is b for a, b in zip(self.slices, slices)))
-
-
-def desired_state(
-    *,
-    services: Iterable[model.Service],
-    endpoint_slices: Iterable[model.EndpointSlice],
-    node: model.Node | None,
-    memo: Memo | None = None,
-) -> desired.DesiredState:
-    """Apply kube-proxy's rules to what the source holds.
-
-    Args:
-        services: every valid Service.
-        endpoint_slices: every valid EndpointSlice.
-        node: this node, for node-port frontends; None gives no node-port frontends.
-        memo: per-Service results of the last pass, to skip unchanged Services (optional).
-
-    Returns:
-        The service ports to program, keyed and ordered by name, and the problems found (a
-        frontend claimed by two Services stays with the one that sorts first by namespace/name).
-    """
-    slices = _slices_by_service(endpoint_slices)
-    states: list[desired.ServicePortState] = []
-    for service in sorted(services, key=lambda s: (s.namespace, s.name)):
-        if not is_proxied(service):
-            continue
-        service_slices = slices.get((service.namespace, service.name), ())
-        if memo is None:
-            states.extend(service_port_states(service, slices=service_slices, node=node))
-        else:
-            states.extend(memo.states(service, slices=service_slices, node=node))
-    if memo is not None:
-        memo.rotate()
-    kept, problems = _resolve_frontend_conflicts(states)
-    return desired.DesiredState(
-        service_ports={state.name: state for state in sorted(kept, key=lambda state: state.name)},
-        problems=tuple(sorted(set(problems))),
-    )
-
-
-def _slices_by_service(
-    endpoint_slices: Iterable[model.EndpointSlice],
-) -> dict[tuple[str, str], tuple[model.EndpointSlice, ...]]:
-    grouped: defaultdict[tuple[str, str], list[model.EndpointSlice]] = defaultdict(list)
-    for endpoint_slice in endpoint_slices:
-        grouped[(endpoint_slice.namespace, endpoint_slice.service_name)].append(endpoint_slice)
-    # Sorted by slice name so the result never depends on the order the source listed them in.
-    return {key: tuple(sorted(group, key=lambda s: s.name)) for key, group in grouped.items()}
 
 
 def is_proxied(service: model.Service) -> bool:
@@ -503,57 +412,3 @@ def _apply_traffic_policies(
     external_local = service.external_traffic_policy is model.TrafficPolicy.LOCAL
     local = endpoints.local if external_local and externally_accessible else None
     return _PolicyResult(backends=backends, drop=drop, external_backends=external, local_backends=local)
-
-
-# --- conflicts -------------------------------------------------------------------------------
-
-
-def _resolve_frontend_conflicts(
-    states: Sequence[desired.ServicePortState],
-) -> tuple[list[desired.ServicePortState], list[model.Problem]]:
-    """Give each frontend to the first service port (in Service order) that claims it.
-
-    The loser keeps its other frontends; a service port left with none is dropped, since nothing
-    could reach it.
-    """
-    owners: dict[desired.Frontend, desired.ServicePortName] = {}
-    kept: list[desired.ServicePortState] = []
-    problems: list[model.Problem] = []
-    for state in states:
-        frontends: dict[desired.Frontend, desired.FrontendKind] = {}
-        for frontend, kind in state.frontends.items():
-            owner = owners.setdefault(frontend, state.name)
-            if owner == state.name:
-                frontends[frontend] = kind
-            else:
-                problems.append(_conflict_problem(state.name, frontend=frontend, owner=owner))
-        if frontends:
-            kept.append(_with_frontends(state, frontends))
-    return kept, problems
-
-
-def _conflict_problem(
-    loser: desired.ServicePortName, *, frontend: desired.Frontend, owner: desired.ServicePortName
-) -> model.Problem:
-    ref = model.ObjectRef("Service", loser.namespace, loser.name)
-    reason = f"frontend {frontend} already used by Service {owner.namespace}/{owner.name}"
-    return model.Problem(ref=str(ref), reason=reason)
-
-
-def _with_frontends(
-    state: desired.ServicePortState, frontends: Mapping[desired.Frontend, desired.FrontendKind]
-) -> desired.ServicePortState:
-    if frontends == state.frontends:
-        return state
-    # Every other field stays: the backends a kind of frontend leads to do not depend on which
-    # frontends of that kind survived.
-    return desired.ServicePortState(
-        name=state.name,
-        frontends=dict(frontends),
-        backends=state.backends,
-        affinity_timeout=state.affinity_timeout,
-        drop=state.drop,
-        external_backends=state.external_backends,
-        source_ranges=state.source_ranges,
-        local_backends=state.local_backends,
-    )

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import itertools
 
 import pytest
 
-from ctlb import desired, model, semantics
+from ctlb import desired, model, planner
 
 TCP, UDP = model.Protocol.TCP, model.Protocol.UDP
 IPv4, IPv6 = model.IPFamily.IPv4, model.IPFamily.IPv6
@@ -96,7 +95,7 @@ def _state(
     slices: tuple[model.EndpointSlice, ...] | list[model.EndpointSlice] = (),
     node: model.Node | None = NODE,
 ) -> desired.DesiredState:
-    return semantics.desired_state(services=services, endpoint_slices=slices, node=node)
+    return planner.desired_state(services=services, endpoint_slices=slices, node=node)
 
 
 # --- service ports and frontends -------------------------------------------------------------
@@ -425,31 +424,3 @@ def test_output_does_not_depend_on_input_order() -> None:
         state = _state(service_order, slice_order)
         assert (state, list(state.service_ports), [list(sp.frontends) for sp in state.service_ports.values()]) == (
             baseline, list(baseline.service_ports), [list(sp.frontends) for sp in baseline.service_ports.values()])
-
-
-def test_memo_gives_the_same_state_as_a_fresh_computation_and_reuses_unchanged_services() -> None:
-    services = [_memo_service(f"s{i}", f"10.96.0.{i + 1}") for i in range(3)]
-    slices = [_memo_slice(f"s{i}", f"10.244.0.{i + 2}") for i in range(3)]
-    memo = semantics.Memo()
-    first = semantics.desired_state(services=services, endpoint_slices=slices, node=None, memo=memo)
-    changed = [*slices[:2], dataclasses.replace(slices[2], endpoints=(model.Endpoint(
-        addresses=(ipaddress.ip_address("10.244.0.9"),), ready=True),))]
-    second = semantics.desired_state(services=services, endpoint_slices=changed, node=None, memo=memo)
-    fresh = semantics.desired_state(services=services, endpoint_slices=changed, node=None)
-    assert second == fresh
-    by_name = {n.name: sp for n, sp in second.service_ports.items()}
-    before = {n.name: sp for n, sp in first.service_ports.items()}
-    assert by_name["s0"] is before["s0"], "an unchanged Service is not recomputed"
-    assert by_name["s2"] is not before["s2"]
-
-
-def _memo_service(name: str, ip: str) -> model.Service:
-    return model.Service(namespace="default", name=name, type=model.ServiceType.CLUSTER_IP,
-                         ports=(model.ServicePort("http", model.Protocol.TCP, 80, 8080),),
-                         cluster_ips=(ipaddress.ip_address(ip),), ip_families=(model.IPFamily.IPv4,))
-
-
-def _memo_slice(service: str, ip: str) -> model.EndpointSlice:
-    return model.EndpointSlice(namespace="default", name=f"{service}-x", service_name=service, address_type="IPv4",
-                               endpoints=(model.Endpoint(addresses=(ipaddress.ip_address(ip),), ready=True),),
-                               ports=(model.EndpointPort("http", model.Protocol.TCP, 8080),))

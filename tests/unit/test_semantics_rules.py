@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from ctlb import desired, model, semantics
+from ctlb import desired, model, planner, semantics
 
 TCP, UDP, SCTP = model.Protocol.TCP, model.Protocol.UDP, model.Protocol.SCTP
 IPv4, IPv6 = model.IPFamily.IPv4, model.IPFamily.IPv6
@@ -555,7 +555,7 @@ def test_service_port_losing_a_frontend_keeps_its_traffic_decisions() -> None:
                       source_ranges=RANGES)
     slices = [_slice(READY_REMOTE)]
 
-    state = semantics.desired_state(services=[first, second], endpoint_slices=slices, node=THIS_NODE)
+    state = planner.desired_state(services=[first, second], endpoint_slices=slices, node=THIS_NODE)
 
     kept = state.service_ports[desired.ServicePortName("shop", "web", "http", TCP, IPv4)]
     assert desired.Frontend(_ip("192.0.2.10"), 80, TCP) not in kept.frontends
