@@ -3,9 +3,9 @@
 A connected UDP socket was translated once, at connect; the kernel then sends straight to the
 backend and no socket program sees it again. When that backend goes (a DNS pod deleted), kube-proxy
 clears the flow's conntrack entry and the next datagram is balanced afresh; with connect-time
-balancing the socket would stay pinned to the dead address forever. Destroying it makes the
-application's next send or receive fail with ECONNABORTED, and resolvers open a new socket, which
-connect balances over the backends that serve.
+balancing the socket would stay pinned to the dead address forever. Destroying it disconnects it:
+the application's next send fails with EDESTADDRREQ (a blocked receive with ECONNABORTED), and
+resolvers open a new socket, which connect balances over the backends that serve.
 
 Sockets live in the pods' network namespaces: each is entered from a short-lived thread (setns
 changes only the calling thread), found from the processes of the cgroup tree ctlb is attached to.

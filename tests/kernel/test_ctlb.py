@@ -6,6 +6,7 @@ import collections
 import errno
 import json
 import subprocess
+import sys
 import threading
 import time
 
@@ -208,6 +209,69 @@ def test_udp_reply_comes_from_the_service_address(cluster: Cluster, connected: b
     assert answer["backend"] == "echo0"
     assert answer["peer"] == str(client.ipv4)
     assert answer["reply_from"] == [CLUSTER_IP, 53]
+
+
+# A resolver that keeps one connected UDP socket: each line on stdin is one query; each answer is
+# the echo's JSON or the errno the socket gave.
+_LONG_LIVED_UDP = """
+import json, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.connect(("{host}", {port}))
+print("ready", flush=True)
+for _ in sys.stdin:
+    try:
+        s.send(b"q")
+        print(json.dumps(json.loads(s.recv(65536))), flush=True)
+    except OSError as e:
+        print(json.dumps({{"errno": e.errno}}), flush=True)
+"""
+
+
+def _ask(proc) -> dict:
+    proc.stdin.write("q\n")
+    proc.stdin.flush()
+    return json.loads(proc.stdout.readline())
+
+
+def test_connected_udp_socket_to_a_backend_that_stops_serving_is_ended(cluster: Cluster) -> None:
+    """The most reported socket-LB bug: a resolver's connected socket pinned to a dead DNS pod."""
+    pods = [cluster.lab.add_pod(f"echo{i}") for i in range(2)]
+    for i, pod in enumerate(pods):
+        servers.start_udp(pod, name=f"echo{i}", port=5353)
+    client = cluster.lab.add_pod("client")
+
+    def echo_objects(members: list) -> list[dict]:
+        return [objects.service("echo", cluster_ips=[CLUSTER_IP], ports=[{"name": "u", "port": 53, "protocol": "UDP"}]),
+                objects.endpoint_slice("echo", addresses=[str(p.ipv4) for p in members],
+                                       ports=[{"name": "u", "port": 5353, "protocol": "UDP"}])]
+
+    cluster.write("echo", echo_objects(pods))
+    cluster.start_agent()
+    resolvers = [client.popen([sys.executable, "-c", _LONG_LIVED_UDP.format(host=CLUSTER_IP, port=53)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(8)]
+    for r in resolvers:
+        assert r.stdout.readline().strip() == "ready"
+    first = [_ask(r)["backend"] for r in resolvers]
+    assert set(first) == {"echo0", "echo1"}, f"8 sockets should spread over both backends: {first}"
+
+    synced = cluster.state().syncs
+    cluster.write("echo", echo_objects(pods[1:]))  # echo0 stops serving
+    cluster.wait_synced(after=synced)
+
+    for r, before in zip(resolvers, first):
+        answer = _ask(r)
+        if before == "echo0":
+            # Destroyed sockets are disconnected: a send fails with EDESTADDRREQ, a blocked
+            # receive with ECONNABORTED; either way the application opens a new socket.
+            assert answer.get("errno") in (errno.EDESTADDRREQ, errno.ECONNABORTED), \
+                f"the socket pinned to echo0 was not ended: {answer}"
+        else:
+            assert answer.get("backend") == "echo1", "a socket on a serving backend must be left alone"
+    fresh = udp_exchange(client, CLUSTER_IP, 53, connected=True)
+    assert fresh["backend"] == "echo1"
+    ended = [e for e in cluster.log_events() if e.get("event") == "stale_udp_flows_ended"]
+    assert ended and ended[-1]["sockets"] == first.count("echo0")
 
 
 def test_udp_to_a_service_without_endpoints_fails_and_sends_nothing(cluster: Cluster) -> None:
