@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import os
@@ -23,13 +24,14 @@ log = structlog.get_logger()
 
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
-    manifests: tuple[pathlib.Path, ...]
+    manifests: tuple[pathlib.Path, ...]  # empty: the Kubernetes API is the source
     node_name: str
     cgroup: pathlib.Path
     bpffs: pathlib.Path
     run_dir: pathlib.Path
     sizes: datapath.MapSizes = field(default_factory=datapath.MapSizes)
     interval: float = 0.2  # seconds between looks at the source
+    kubeconfig: pathlib.Path | None = None  # None: in-cluster config (API source only)
 
 
 class Source(Protocol):
@@ -74,6 +76,39 @@ class ManifestSource:
 
     def close(self) -> None:
         self._watcher.close()
+
+
+class ApiSource:
+    """The Kubernetes API as a source: its watch threads write into the store as events arrive."""
+
+    def __init__(self, objects: store.ObjectStore, *, kubeconfig: pathlib.Path | None, node_name: str) -> None:
+        from ctlb.sources import kubeapi  # the kubernetes client is slow to import; manifests need none of it
+
+        self._store = objects
+        self._source = kubeapi.KubeApiSource(objects, client=kubeapi.api_client(kubeconfig), node_name=node_name)
+        self._source.start()
+
+    def describe(self) -> str:
+        return self._source.describe()
+
+    def refresh(self) -> None:
+        """Nothing to do: the watch threads write as events arrive."""
+
+    def synced(self) -> bool:
+        return self._source.synced()
+
+    def wait(self, timeout: float) -> None:
+        if not self.synced():
+            # The store fills during the first list; nothing is programmed before it completes.
+            time.sleep(min(timeout, 0.05))
+            return
+        self._store.wait(timeout)
+
+    def status(self) -> dict[str, object]:
+        return dataclasses.asdict(self._source.status())
+
+    def close(self) -> None:
+        self._source.close()
 
 
 def _now() -> str:
@@ -194,10 +229,20 @@ class Agent:
         while not stop.is_set():
             started = time.perf_counter()
             self.source.refresh()
-            if self.source.synced():
-                self.sync(read_ms=1000 * (time.perf_counter() - started))
+            synced = self.source.synced() and self.sync(read_ms=1000 * (time.perf_counter() - started))
+            if not synced:
+                self._note_source_status()
             if not stop.is_set():
                 self.source.wait(self.config.interval)
+
+    def _note_source_status(self) -> None:
+        """Writes the state file when only the source's health changed (lost, back), so
+        `ctlb status` tells a stale source even while nothing can be synced."""
+        status = self.source.status()
+        if status != self.state.source_status:
+            self.state.source_status = status
+            statefile.write(self.config.run_dir, self.state, names=self.state.syncs == 0)
+            log.info("source_status", **status)
 
 
 def run(config: AgentConfig, *, stop: threading.Event) -> None:
@@ -205,7 +250,11 @@ def run(config: AgentConfig, *, stop: threading.Event) -> None:
     log.info("agent_starting", node=config.node_name, cgroup=str(config.cgroup), bpffs=str(config.bpffs))
     dp = datapath.Datapath.install(bpffs=config.bpffs, cgroup=config.cgroup, sizes=config.sizes)
     objects = store.ObjectStore()
-    source = ManifestSource(config.manifests, objects=objects, interval=config.interval)
+    source: Source
+    if config.manifests:
+        source = ManifestSource(config.manifests, objects=objects, interval=config.interval)
+    else:
+        source = ApiSource(objects, kubeconfig=config.kubeconfig, node_name=config.node_name)
     try:
         Agent(config, source=source, objects=objects, dp=dp).run(stop)
     finally:

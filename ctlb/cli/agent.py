@@ -9,11 +9,13 @@ import signal
 import socket
 import threading
 
-from ctlb import agent, datapath, errors, logs
+from ctlb import agent, datapath, logs
 from ctlb.cli import common
 from ctlb.datapath import cgroup
 
 EPILOG = """examples:
+  ctlb agent                                      # in a pod: watch the API server (in-cluster config)
+  ctlb agent --kubeconfig ~/.kube/config          # watch the API server of a kubeconfig
   ctlb agent --manifests deploy/example/          # serve manifest files, reload on change
   ctlb agent --manifests svc.yaml --cgroup /sys/fs/cgroup/kubepods.slice
 """
@@ -23,8 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("agent", help="run the node agent (foreground)", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifests", type=pathlib.Path, action="append", default=[],
-                   help="file or folder of Kubernetes YAML to serve (repeatable); reloaded on change")
-    p.add_argument("--kubeconfig", type=pathlib.Path, help="kubeconfig for the API source")
+                   help="file or folder of Kubernetes YAML to serve (repeatable); reloaded on change. "
+                        "Without it, the agent watches the API server")
+    p.add_argument("--kubeconfig", type=pathlib.Path,
+                   help="watch the API server of this kubeconfig (default without --manifests: in-cluster config)")
     p.add_argument("--node-name", default=os.environ.get("NODE_NAME") or socket.gethostname(),
                    help="this node's name (default $NODE_NAME, then the host name)")
     p.add_argument("--cgroup", type=pathlib.Path,
@@ -43,10 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     logs.configure(json=args.log_json)
     common.require_root("agent")
-    if not args.manifests:
-        raise errors.CtlbError("the Kubernetes API source is not available yet: pass --manifests PATH")
     config = agent.AgentConfig(
         manifests=tuple(args.manifests),
+        kubeconfig=args.kubeconfig,
         node_name=args.node_name,
         cgroup=args.cgroup or cgroup.cgroup2_mount(),
         bpffs=args.bpffs,

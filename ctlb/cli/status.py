@@ -59,6 +59,14 @@ def collect(args: argparse.Namespace) -> Status:
         st.agent = {"pid": agent.pid, "node": agent.node, "source": agent.source, "started": agent.started,
                     "last_sync": agent.last_sync, "syncs": agent.syncs, "cgroup": agent.cgroup}
         st.problems = agent.problems
+        st.agent["source_status"] = agent.source_status
+        stale = agent.source_status.get("stale_since")
+        if stale:
+            error = agent.source_status.get("last_error")
+            st.reasons.append(f"source is stale since {stale}: serving what it last had"
+                              + (f" ({error})" if error else ""))
+        elif agent.source_status and not agent.source_status.get("synced", True):
+            st.reasons.append("source has not completed its first list yet")
         if not st.agent_running:
             st.reasons.append(f"agent (pid {agent.pid}) is not running: the source is not being followed")
         if found is not None and reconcile.digest(found.view()) != agent.desired_digest:
