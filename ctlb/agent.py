@@ -124,6 +124,7 @@ class Agent:
         self.datapath = dp
         self.planner = planner.Planner(config.node_name)
         self._udp_backends = sockdiag.UdpBackends()
+        self._gc_thresholds = gc.get_threshold()
         self._reported: set[model.Problem] = set()
         # The desired view's digest, kept as a sum over service ports so a change costs its port.
         self._digest_of: dict[desired.ServicePortName, int] = {}
@@ -162,6 +163,7 @@ class Agent:
             # the collector's reach, or full collections over them stall later syncs ~200 ms.
             gc.collect()
             gc.freeze()
+            gc.set_threshold(*self._gc_thresholds)
         log.info("synced", services=self.store.count("Service"), service_ports=len(plan.service_ports),
                  changed=len(changed), frontends=self.planner.frontend_count, writes=outcome.writes,
                  deletes=outcome.deletes, problems=len(problems), in_sync=self.state.in_sync, **timings)
@@ -226,6 +228,10 @@ class Agent:
         return True
 
     def run(self, stop: threading.Event) -> None:
+        # Until the first sync the heap only grows (tens of thousands of objects, little garbage):
+        # collections would walk it over and over. Collect rarely until then.
+        self._gc_thresholds = gc.get_threshold()
+        gc.set_threshold(100_000, 50, 1000)
         while not stop.is_set():
             started = time.perf_counter()
             self.source.refresh()
