@@ -47,7 +47,10 @@ class Planner:
             The service ports whose desired state was added, changed or removed, each with the
             state it had before (None if it is new).
         """
-        node = objects.get(("Node", "", self.node_name))
+        held = objects.get(("Node", "", self.node_name))
+        # Without its Node object this node still has its name, which node-local endpoints and
+        # node hints need (kube-proxy knows it from its flags); it has no addresses or zone.
+        node = held if isinstance(held, model.Node) else model.Node(name=self.node_name, addresses=())
         services = self._dirty_services(objects, changes)
         touched: set[desired.ServicePortName] = set()
         contested: set[desired.Frontend] = set()
@@ -89,12 +92,11 @@ class Planner:
     def _every_service(self, objects: store.ObjectStore) -> list[_ServiceKey]:
         return sorted({(ns, name) for _, ns, name in objects.keys("Service")} | set(self._raw))
 
-    def _recompute(self, key: _ServiceKey, objects: store.ObjectStore, *, node: model.KubeObject | None,
+    def _recompute(self, key: _ServiceKey, objects: store.ObjectStore, *, node: model.Node,
                    contested: set[desired.Frontend]) -> set[desired.ServicePortName]:
         """Recomputes one Service; returns its old and new service-port names, and adds every
         frontend it claimed or claims to `contested`."""
         service = objects.get(("Service", *key))
-        node = node if isinstance(node, model.Node) else None
         new: list[desired.ServicePortState] = []
         if isinstance(service, model.Service) and semantics.is_proxied(service):
             new = semantics.service_port_states(service, slices=objects.slices_of(*key), node=node)

@@ -26,12 +26,13 @@ def _meta(name: str, namespace: str | None, labels: dict[str, str] | None = None
 
 def service(name: str, *, cluster_ips: Sequence[str], ports: Sequence[dict[str, Any]],
             namespace: str = "default", type: str = "ClusterIP", affinity_timeout: int | None = None,
-            external_ips: Sequence[str] = (), lb_ips: Sequence[str] = ()) -> dict[str, Any]:
+            external_ips: Sequence[str] = (), lb_ips: Sequence[str] = (),
+            internal_policy: str = "Cluster", external_policy: str = "Cluster") -> dict[str, Any]:
     families = ["IPv6" if ":" in ip else "IPv4" for ip in cluster_ips]
     spec: dict[str, Any] = {
         "clusterIP": cluster_ips[0],
         "clusterIPs": list(cluster_ips),
-        "internalTrafficPolicy": "Cluster",
+        "internalTrafficPolicy": internal_policy,
         "ipFamilies": families,
         "ipFamilyPolicy": "PreferDualStack" if len(families) > 1 else "SingleStack",
         "ports": [{"protocol": "TCP", **p} for p in ports],
@@ -39,7 +40,7 @@ def service(name: str, *, cluster_ips: Sequence[str], ports: Sequence[dict[str, 
         "type": type,
     }
     if type in ("NodePort", "LoadBalancer"):
-        spec["externalTrafficPolicy"] = "Cluster"
+        spec["externalTrafficPolicy"] = external_policy
     if affinity_timeout is not None:
         spec["sessionAffinity"] = "ClientIP"
         spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": affinity_timeout}}
@@ -74,11 +75,40 @@ def endpoint_slice(service_name: str, *, addresses: Sequence[str], ports: Sequen
     }
 
 
-def node(name: str, *, addresses: Sequence[str]) -> dict[str, Any]:
+def endpoint(address: str, *, ready: bool | None = True, serving: bool | None = None,
+             terminating: bool | None = None, node: str = "lab-node", zone: str | None = None,
+             hint_zones: Sequence[str] = (), hint_nodes: Sequence[str] = ()) -> dict[str, Any]:
+    """One endpoint of a slice; None leaves a condition unset, as the API may."""
+    conditions = {key: value for key, value in (("ready", ready), ("serving", serving),
+                                                ("terminating", terminating)) if value is not None}
+    out: dict[str, Any] = {"addresses": [address], "conditions": conditions, "nodeName": node}
+    if zone is not None:
+        out["zone"] = zone
+    hints: dict[str, Any] = {}
+    if hint_zones:
+        hints["forZones"] = [{"name": z} for z in hint_zones]
+    if hint_nodes:
+        hints["forNodes"] = [{"name": n} for n in hint_nodes]
+    if hints:
+        out["hints"] = hints
+    return out
+
+
+def slice_of(service_name: str, endpoints: Sequence[dict[str, Any]], *, ports: Sequence[dict[str, Any]],
+             namespace: str = "default", suffix: str = "abcde", family: str = "IPv4") -> dict[str, Any]:
+    """An EndpointSlice of endpoints built with `endpoint`."""
+    labels = {"endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+              "kubernetes.io/service-name": service_name}
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": _meta(f"{service_name}-{suffix}", namespace, labels), "addressType": family,
+            "endpoints": list(endpoints), "ports": [{"protocol": "TCP", **p} for p in ports]}
+
+
+def node(name: str, *, addresses: Sequence[str], labels: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Node",
-        "metadata": _meta(name, None, {"kubernetes.io/hostname": name}),
+        "metadata": _meta(name, None, {"kubernetes.io/hostname": name, **(labels or {})}),
         "spec": {},
         "status": {"addresses": [{"type": "InternalIP", "address": a} for a in addresses]
                    + [{"type": "Hostname", "address": name}]},
