@@ -110,6 +110,19 @@ class ServicePortState:
     # `backends`) has endpoints, refuse it if not.
     local_backends: tuple[Backend, ...] | None = None
 
+    def backends_for(self, kind: FrontendKind) -> tuple[Backend, ...]:
+        """What a socket on this node gets at a frontend of this kind."""
+        if kind is FrontendKind.CLUSTER_IP or self.external_backends is None:
+            return self.backends
+        return self.external_backends
+
+    def frontend_groups(self) -> list[tuple[tuple[Backend, ...], tuple[Frontend, ...]]]:
+        """The frontends grouped by the backend set they point at: one group in the common case."""
+        groups: dict[tuple[Backend, ...], list[Frontend]] = {}
+        for frontend, kind in self.frontends.items():
+            groups.setdefault(self.backends_for(kind), []).append(frontend)
+        return [(backends, tuple(frontends)) for backends, frontends in groups.items()]
+
 
 @dataclass(frozen=True, slots=True)
 class DesiredState:

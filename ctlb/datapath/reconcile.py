@@ -93,8 +93,11 @@ def desired_view(state: desired.DesiredState) -> dict[str, object]:
 
 def service_port_view(sp: desired.ServicePortState) -> dict[str, object]:
     """The view entries of one service port's frontends."""
-    value = {"backends": sorted(str(b) for b in sp.backends), "affinity": sp.affinity_timeout}
-    return {str(fe): value for fe in sp.frontends}
+    view: dict[str, object] = {}
+    for backends, frontends in sp.frontend_groups():
+        value = {"backends": sorted(str(b) for b in backends), "affinity": sp.affinity_timeout}
+        view.update((str(fe), value) for fe in frontends)
+    return view
 
 
 def entry_digest(key: str, value: object) -> int:
@@ -263,15 +266,8 @@ class Reconciler:
         fam = 4 if sp.name.family == model.IPFamily.IPv4 else 6
         svc_id = self.svc_ids[sp.name]
         try:
-            set_id = self._ensure_set(fam, sp)
-            if sp.affinity_timeout is not None:
-                self._ensure_members(fam, svc_id, sp.backends)
-            value = tables.FrontendValue(
-                svc_id=svc_id, set_id=set_id, count=len(sp.backends),
-                affinity_timeout=sp.affinity_timeout or 0,
-                flags=tables.LB_F_AFFINITY if sp.affinity_timeout is not None else 0,
-            )
-            self._write_frontends(fam, sp, value)
+            for backends, frontends in sp.frontend_groups():
+                self._program_group(fam, svc_id, sp, backends=backends, frontends=frontends)
         except errors.MapFull as exc:
             log.warning("service_port_not_programmed", service_port=str(sp.name), reason=str(exc))
             return model.Problem(ref=f"Service {sp.name.namespace}/{sp.name.name}",
@@ -279,12 +275,25 @@ class Reconciler:
                                         f"({sp.name.family}) not programmed: {exc}")
         return None
 
-    def _write_frontends(self, fam: int, sp: desired.ServicePortState, value: tables.FrontendValue) -> None:
+    def _program_group(self, fam: int, svc_id: int, sp: desired.ServicePortState, *,
+                       backends: tuple[desired.Backend, ...], frontends: tuple[desired.Frontend, ...]) -> None:
+        """Points `frontends` (of one service port) at a set holding `backends`."""
+        set_id = self._ensure_set(fam, backends, frontends)
+        if sp.affinity_timeout is not None:
+            self._ensure_members(fam, svc_id, backends)
+        value = tables.FrontendValue(
+            svc_id=svc_id, set_id=set_id, count=len(backends),
+            affinity_timeout=sp.affinity_timeout or 0,
+            flags=tables.LB_F_AFFINITY if sp.affinity_timeout is not None else 0,
+        )
+        self._write_frontends(fam, frontends, value)
+
+    def _write_frontends(self, fam: int, frontends: tuple[desired.Frontend, ...], value: tables.FrontendValue) -> None:
         table = self._tables[fam].frontends
-        new = [fe for fe in sp.frontends if fe not in self.programmed.frontends]
+        new = [fe for fe in frontends if fe not in self.programmed.frontends]
         if self._fe_count[fam] + len(new) > table.max_entries:
             raise errors.MapFull(table.name, table.max_entries)
-        for fe in sorted(sp.frontends):
+        for fe in sorted(frontends):
             old = self.programmed.frontends.get(fe)
             if old == value:
                 continue
@@ -299,24 +308,25 @@ class Reconciler:
 
     # --- backend sets -------------------------------------------------------------------------
 
-    def _ensure_set(self, fam: int, sp: desired.ServicePortState) -> int:
-        """The id of a complete set holding exactly `sp.backends`, written if need be."""
-        if not sp.backends:
+    def _ensure_set(self, fam: int, backends: tuple[desired.Backend, ...],
+                    frontends: tuple[desired.Frontend, ...]) -> int:
+        """The id of a complete set holding exactly `backends`, written if need be."""
+        if not backends:
             return 0
-        for fe in sp.frontends:
+        for fe in frontends:
             current = self.programmed.frontends.get(fe)
-            if current is not None and self.programmed.sets.get((fam, current.set_id)) == sp.backends:
+            if current is not None and self.programmed.sets.get((fam, current.set_id)) == backends:
                 return current.set_id
         table = self._tables[fam].backends
-        if self.programmed.slots[fam] + len(sp.backends) > table.max_entries:
+        if self.programmed.slots[fam] + len(backends) > table.max_entries:
             self._unref_candidates.update(self.programmed.sets)  # under pressure, look at all
             self._collect_unreferenced_sets()
-            if self.programmed.slots[fam] + len(sp.backends) > table.max_entries:
+            if self.programmed.slots[fam] + len(backends) > table.max_entries:
                 raise errors.MapFull(table.name, table.max_entries)
         set_id = self._allocate_set_id()
         written = 0
         try:
-            for slot, backend in enumerate(sp.backends):
+            for slot, backend in enumerate(backends):
                 table.put(tables.SlotKey(fam, set_id, slot), backend)
                 written += 1
         except errors.MapFull:
@@ -326,7 +336,7 @@ class Reconciler:
         finally:
             self._writes += written
         self.programmed.slots[fam] += written
-        self.programmed.sets[(fam, set_id)] = sp.backends
+        self.programmed.sets[(fam, set_id)] = backends
         self._unref_candidates.add((fam, set_id))  # collected if no frontend ends up using it
         return set_id
 
@@ -382,8 +392,8 @@ class Reconciler:
             if old.affinity_timeout is None or name in self.failed:
                 continue
             new = changed.get(name)
-            keep = set(new.backends) if new is not None and new.affinity_timeout is not None else set()
-            for backend in old.backends:
+            keep = _all_backends(new) if new is not None and new.affinity_timeout is not None else set()
+            for backend in _all_backends(old):
                 key = tables.MemberKey(ids[name], backend)
                 if backend not in keep and key in self.programmed.members:
                     self._delete_member(key)
@@ -400,9 +410,13 @@ class Reconciler:
             tables.MemberKey(self.svc_ids[name], b)
             for name, sp in state.service_ports.items()
             if sp.affinity_timeout is not None and name not in self.failed
-            for b in sp.backends
+            for b in _all_backends(sp)
         }
         # A service port that failed keeps the members its frontends may still rely on.
         kept = {self.svc_ids[name] for name in self.failed}
         for key in [m for m in self.programmed.members if m not in wanted and m.svc_id not in kept]:
             self._delete_member(key)
+
+
+def _all_backends(sp: desired.ServicePortState) -> set[desired.Backend]:
+    return {b for backends, _ in sp.frontend_groups() for b in backends}

@@ -80,7 +80,7 @@ class UdpBackends:
 def _all_backends(sp: desired.ServicePortState | None) -> set[desired.Backend]:
     if sp is None:
         return set()
-    return {*sp.backends, *(getattr(sp, "external_backends", None) or ())}
+    return {*sp.backends, *(sp.external_backends or ())}
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,3 +111,18 @@ def test_same_port_number_over_tcp_and_udp_reaches_each_protocols_backend(cluste
     (tcp,) = http_requests(client, CLUSTER_IP, 53)
     udp = udp_exchange(client, CLUSTER_IP, 53, connected=False)
     assert (tcp.get("backend"), udp.get("backend")) == ("web0", "echo0"), json.dumps([tcp, udp])
+
+
+def test_external_ip_gets_the_cluster_wide_set_under_internal_traffic_policy_local(cluster: Cluster) -> None:
+    """kube-proxy's short-circuit: a socket on the node reaching an external address of the
+    Service is balanced over every endpoint, whatever the internal (or external) policy."""
+    pods = _web_pods(cluster, 2)
+    client = cluster.lab.add_pod("client")
+    e = objects.endpoint
+    _serve(cluster, [e(str(pods[0].ipv4), node=NODE_NAME), e(str(pods[1].ipv4), node="other")],
+           internal_policy="Local", external_ips=["203.0.113.10"])
+    cluster.start_agent()
+
+    assert _answers(cluster, client) == {"web0": 40}
+    external = collections.Counter(a.get("backend") for a in http_requests(client, "203.0.113.10", 80, count=60))
+    assert set(external) == {"web0", "web1"}, external

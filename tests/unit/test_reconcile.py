@@ -232,3 +232,33 @@ def test_incremental_passes_leave_exactly_the_desired_entries(seed: int) -> None
         assert {k.set_id for k in t[4].backends.data} == used_sets, "a set no frontend uses was left"
         wanted_members = {(r.svc_ids[s.name], b) for s in current.values() if s.affinity_timeout for b in s.backends}
         assert {(m.svc_id, m.backend) for m in t[4].members.data} == wanted_members
+
+
+def local_only(name: str, *, backends: list[str], external: list[str] | None,
+               affinity: int | None = None) -> desired.ServicePortState:
+    """internalTrafficPolicy Local: the ClusterIP gets `backends`, the NodePort `external`."""
+    return desired.ServicePortState(
+        name=spn(name),
+        frontends={fe("10.96.0.1"): desired.FrontendKind.CLUSTER_IP,
+                   fe("172.18.0.3", 30080): desired.FrontendKind.NODE_PORT},
+        backends=tuple(sorted(be(b) for b in backends)),
+        external_backends=None if external is None else tuple(sorted(be(b) for b in external)),
+        affinity_timeout=affinity,
+    )
+
+
+def test_external_frontends_get_their_own_set_when_it_differs() -> None:
+    r = reconcile.Reconciler(tables.memory_tables())
+    split = state(local_only("web", backends=["10.244.0.2"], external=["10.244.0.2", "10.244.0.3"], affinity=60))
+    r.apply(split)
+    view = r.view()
+    assert view["10.96.0.1:80/TCP"]["backends"] == ["10.244.0.2:8080"]
+    assert view["172.18.0.3:30080/TCP"]["backends"] == ["10.244.0.2:8080", "10.244.0.3:8080"]
+    assert view == reconcile.desired_view(split)
+    assert {m.backend for m in r.programmed.members} == {be("10.244.0.2"), be("10.244.0.3")}
+
+    joined = state(local_only("web", backends=["10.244.0.2"], external=None, affinity=60))
+    r.apply(joined)
+    assert r.view() == reconcile.desired_view(joined)
+    assert len(r.programmed.sets) == 1, "the external set is freed once both kinds share one"
+    assert {m.backend for m in r.programmed.members} == {be("10.244.0.2")}
