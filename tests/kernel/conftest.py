@@ -53,13 +53,16 @@ class Cluster:
 
     # --- the agent ------------------------------------------------------------------------
 
-    def start_agent(self, *extra: str) -> None:
-        self.agent_args = ["agent", "--manifests", str(self.manifests), "--node-name", NODE_NAME,
+    def start_agent(self, *extra: str, kubeconfig: pathlib.Path | None = None, wait: bool = True) -> None:
+        """Starts the agent on the manifests folder, or on the API server of `kubeconfig`."""
+        source = ["--kubeconfig", str(kubeconfig)] if kubeconfig is not None else ["--manifests", str(self.manifests)]
+        self.agent_args = ["agent", *source, "--node-name", NODE_NAME,
                            "--cgroup", str(self.lab.cgroup_root), "--bpffs", str(self.bpffs),
                            "--run-dir", str(self.run_dir), "--log-json", *extra]
         log = self.log_path.open("ab")
         self.agent = subprocess.Popen(ctlb_command(*self.agent_args), stdout=log, stderr=log)
-        self.wait_synced()
+        if wait:
+            self.wait_synced()
 
     def kill_agent(self, sig: int = signal.SIGKILL) -> int:
         assert self.agent is not None
