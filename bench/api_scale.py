@@ -170,7 +170,8 @@ def main() -> None:
             return lists >= lists_before + pages and watches >= watches_before + 2
 
         _wait(relisted, timeout=600, what="the relist")
-        rows.append(("relist after 410 Gone (all five at once, until the slice watch reopens)", f"{time.perf_counter() - t0:.2f} s"))
+        rows.append(("relist after 410 Gone (all five at once, until the slice watch reopens)",
+                     f"{time.perf_counter() - t0:.2f} s"))
         assert store.count("EndpointSlice") == n and store.count("Service") == n
         source.close()
         source.check()

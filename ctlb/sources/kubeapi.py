@@ -566,7 +566,7 @@ def _decode_event(line: bytes, *, resource: str) -> dict[str, Any]:
         event = json.loads(line)
     except ValueError as error:
         raise _Failure(f"a {resource} watch event is not JSON: {error}", unreachable=False) from None
-    if not isinstance(event, dict) or not isinstance(event.get("type"), str) or not isinstance(event.get("object"), dict):
+    if not (isinstance(event, dict) and isinstance(event.get("type"), str) and isinstance(event.get("object"), dict)):
         raise _Failure(f"a {resource} watch event has no type or object", unreachable=False)
     return event
 

@@ -307,7 +307,8 @@ def test_invalid_listed_object_is_reported_and_its_deletion_clears_it(server: Fa
     server.create(apiserver.service("shop", "bad", cluster_ip="10.96.0.300"))
     source, store = start_source()
     _synced_and_watching(server, source)
-    assert store.problems() == [model.Problem("Service shop/bad", 'spec.clusterIPs[0] "10.96.0.300" is not an IP address')]
+    reason = 'spec.clusterIPs[0] "10.96.0.300" is not an IP address'
+    assert store.problems() == [model.Problem("Service shop/bad", reason)]
     assert _names(store, "Service") == {"web"}
 
     server.delete("Service", "shop", "bad")
@@ -371,7 +372,8 @@ def test_api_client_from_a_kubeconfig_reaches_its_server_with_its_credentials(se
     assert {request.authorization for request in server.requests()} == {"Bearer fake-token"}
 
 
-@pytest.mark.parametrize("kubeconfig", [None, pathlib.Path("/nonexistent/kubeconfig")], ids=["in-cluster", "missing-file"])
+@pytest.mark.parametrize("kubeconfig", [None, pathlib.Path("/nonexistent/kubeconfig")],
+                         ids=["in-cluster", "missing-file"])
 def test_api_client_without_a_configuration_says_why(kubeconfig: pathlib.Path | None,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
