@@ -92,7 +92,8 @@ class ApiSource:
         return self._source.describe()
 
     def refresh(self) -> None:
-        """Nothing to do: the watch threads write as events arrive."""
+        """The watch threads write as events arrive; a bug that ended one is raised here."""
+        self._source.check()
 
     def synced(self) -> bool:
         return self._source.synced()
