@@ -398,7 +398,7 @@ def test_full_frontend_map_is_reported_and_the_rest_served(cluster: Cluster) -> 
 
     assert all(a.get("backend") == "web0" for a in served)
     assert [p["object"] for p in problems] == ["Service default/s3"]
-    assert "ctlb_fe4 is full" in problems[0]["reason"]
+    assert "ctlb_fe4_v2 is full" in problems[0]["reason"]
 
 
 # --- CLI and uninstall --------------------------------------------------------------------------
@@ -422,10 +422,10 @@ def test_status_fails_when_the_maps_differ_from_the_source(cluster: Cluster) -> 
     pods = web_backends(cluster, 1)
     cluster.write("web", web_service(pods))
     cluster.start_agent()
-    fe_pin = cluster.bpffs / "ctlb_fe4"
-    key = "0a 60 00 0a 00 50 06 00".split()  # 10.96.0.10, port 80, TCP: struct lb4_key
-    subprocess.run(["bpftool", "map", "delete", "pinned", str(fe_pin), "key", "hex", *key],
-                   check=True, capture_output=True)
+    # The only set starts at slot 0 of the backend table: clear that slot behind the agent's back.
+    be_pin = cluster.bpffs / "ctlb_be4_v2"
+    subprocess.run(["bpftool", "map", "update", "pinned", str(be_pin), "key", "hex", *["00"] * 4,
+                    "value", "hex", *["00"] * 16], check=True, capture_output=True)
 
     status = cluster.ctlb("status", check=False)
 
