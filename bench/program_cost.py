@@ -147,10 +147,15 @@ class Rig:
         return {"rate": out["rate"], "errors": out["errors"], "source_mismatch": out.get("source_mismatch")}
 
     def peer(self, seconds: float, *, host: str, port: int) -> dict[str, Any]:
-        code = _PEER_CLIENT.format(host=host, port=port, seconds=seconds)
-        run = self.client.run(["taskset", "-c", str(CLIENT_CPU), sys.executable, "-c", code],
-                              timeout=seconds + 30, check=True)
-        return json.loads(run.stdout)
+        return getpeername_loop(self.client, host=host, port=port, seconds=seconds, cpu=CLIENT_CPU)
+
+
+def getpeername_loop(place: ctlb_lab.Place, *, host: str, port: int, seconds: float, cpu: int) -> dict[str, Any]:
+    """Connects, calls getpeername() four times and closes, in a loop, for `seconds`; returns
+    the connection count and how many getpeername() answers were not (host, port)."""
+    code = _PEER_CLIENT.format(host=host, port=port, seconds=seconds)
+    run = place.run(["taskset", "-c", str(cpu), sys.executable, "-c", code], timeout=seconds + 30, check=True)
+    return json.loads(run.stdout)
 
 
 def measure(rig: Rig, phase: str, seconds: float) -> dict[str, Any]:
