@@ -299,8 +299,9 @@ static __always_inline void lb4_spill(__u64 cookie, const struct lb4_sock_peer *
 }
 
 /* Records which frontend the socket dialled when it was sent to *be. A connect (or the first
- * send of a socket) takes the slot over, with this one peer; an unconnected send adds a peer,
- * replacing the least recently used one, which moves to the spill map. The cookie is written
+ * send of a socket) takes the slot over, with this one peer; an unconnected send adds a peer or
+ * renews the peer of its frontend, else replaces the least recently used one; a replaced peer
+ * moves to the spill map. The cookie is written
  * first: a reader that checks it after reading a peer never takes a peer of another socket. */
 static __always_inline void lb4_sock_remember(struct lb4_sock *sk, __u64 cookie, bool connect,
 					      __be32 fe_addr, __be16 fe_port,
@@ -327,7 +328,10 @@ static __always_inline void lb4_sock_remember(struct lb4_sock *sk, __u64 cookie,
 		else
 			i = (sk->flags & LB_SOCK_MRU1) ? 0 : 1;
 		p = &sk->peer[i & 1];
-		if (p->fe_port != 0 && !(p->fe_port == fe_port && p->fe_addr == fe_addr)) {
+		/* The peer it replaces may have a reply in flight: from another frontend, or from
+		 * this frontend's backend of before a set change. */
+		if (p->fe_port != 0 && !(p->fe_port == fe_port && p->fe_addr == fe_addr &&
+					 p->be_port == be->port && p->be_addr == be->addr)) {
 			lb4_spill(cookie, p);
 			sk->flags |= LB_SOCK_SPILLED;
 		}
@@ -631,7 +635,8 @@ static __always_inline void lb6_sock_remember(struct lb6_sock *sk, __u64 cookie,
 		else
 			i = (sk->flags & LB_SOCK_MRU1) ? 0 : 1;
 		p = &sk->peer[i & 1];
-		if (p->fe_port != 0 && !(p->fe_port == fe_port && ip6_eq(p->fe_addr, fe_addr))) {
+		if (p->fe_port != 0 && !(p->fe_port == fe_port && ip6_eq(p->fe_addr, fe_addr) &&
+					 p->be_port == be->port && ip6_eq(p->be_addr, be->addr))) {
 			lb6_spill(cookie, p);
 			sk->flags |= LB_SOCK_SPILLED;
 		}

@@ -6,6 +6,7 @@ import collections
 import errno
 import json
 import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -343,6 +344,60 @@ def test_udp_reply_to_an_unconnected_socket_comes_from_the_service_address_in_bo
     unconnected = udp_exchange(client, ip, 53, connected=False)
 
     assert connected["reply_from"] == [ip, 53] and unconnected["reply_from"] == [ip, 53]
+
+
+_SLOW_UDP_ECHO = textwrap.dedent("""
+    import json, socket, time
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", 5353))
+    print("ready", flush=True)
+    while True:
+        data, peer = s.recvfrom(65536)
+        time.sleep(1.5)
+        s.sendto(json.dumps({"backend": "slow"}).encode(), peer)
+""")
+
+_ASK_TWICE = textwrap.dedent("""
+    import json, socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    s.sendto(b"1", ({host!r}, 53))
+    print("sent", flush=True)
+    sys.stdin.readline()
+    s.sendto(b"2", ({host!r}, 53))
+    out = []
+    for _ in range(2):
+        data, src = s.recvfrom(65536)
+        out.append({{**json.loads(data), "reply_from": [src[0], src[1]]}})
+    print(json.dumps(out), flush=True)
+""")
+
+
+def test_reply_in_flight_from_a_backend_that_left_the_set_still_comes_from_the_service_address(
+        cluster: Cluster) -> None:
+    """The socket's second send goes to the new backend; the first one's late reply, from the
+    backend that left, is still translated (its peer moved to the spill map)."""
+    slow, fast = cluster.lab.add_pod("slow"), cluster.lab.add_pod("fast")
+    server = slow.popen([sys.executable, "-c", _SLOW_UDP_ECHO], stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+    servers.start_udp(fast, name="fast", port=5353)
+    client = cluster.lab.add_pod("client")
+    cluster.write("echo", udp_service("echo", CLUSTER_IP, [slow]))
+    cluster.start_agent()
+    asker = client.popen([sys.executable, "-c", _ASK_TWICE.format(host=CLUSTER_IP)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    assert asker.stdout is not None and asker.stdin is not None
+    assert asker.stdout.readline().strip() == "sent"
+
+    st = cluster.state()
+    cluster.write("echo", udp_service("echo", CLUSTER_IP, [fast]))
+    cluster.wait_synced(after=st.syncs)
+    asker.stdin.write("go\n")
+    asker.stdin.flush()
+    replies = json.loads(asker.stdout.readline())
+
+    assert [r["backend"] for r in replies] == ["fast", "slow"]
+    assert [r["reply_from"] for r in replies] == [[CLUSTER_IP, 53]] * 2
 
 
 def test_unconnected_udp_socket_keeps_one_backend_while_the_set_is_unchanged(cluster: Cluster) -> None:
