@@ -4,11 +4,19 @@
  * from this file. A layout change means a new map name (suffix _v2, ...), because pinned maps
  * outlive the agent and a new agent must not misread an old map.
  *
+ * Cost rule: on this kind of machine every kernel function call a program makes (a helper, a
+ * hash-map lookup, which also calls memcmp) costs ~30 ns, with return thunks. The per-connection
+ * path therefore uses only ARRAY maps, whose lookups the verifier inlines, and one helper call:
+ * the socket cookie. Frontends live in an open-addressed hash table laid out in an array,
+ * backends in contiguous ranges of an array, and per-socket reverse NAT in an array indexed by
+ * the socket cookie.
+ *
  * Knobs arrive as -D cflags:
  *   CTLB_PIN_DIR        "..." bpffs folder the maps are pinned in (string literal)
- *   CTLB_FRONTENDS_MAX  entries of each frontend map (per address family)
- *   CTLB_BACKENDS_MAX   entries of each backend map (per address family)
- *   CTLB_REVNAT_MAX     entries of each socket reverse-NAT map (LRU)
+ *   CTLB_FRONTENDS_MAX  frontends per address family; the frontend tables have twice as many slots
+ *   CTLB_BACKENDS_MAX   backend slots per address family
+ *   CTLB_SOCK_SLOTS     slots of each per-socket reverse-NAT table (a power of two)
+ *   CTLB_REVNAT_MAX     entries of each spill reverse-NAT map (LRU)
  *   CTLB_AFFINITY_MAX   entries of each session-affinity map (LRU)
  *   CTLB_LAYOUT_ONLY    declare the maps unpinned with one entry: lets a read-only command
  *                       learn the layouts without creating or touching any pin.
@@ -27,12 +35,24 @@
 #ifndef CTLB_BACKENDS_MAX
 #define CTLB_BACKENDS_MAX 524288
 #endif
+#ifndef CTLB_SOCK_SLOTS
+#define CTLB_SOCK_SLOTS 262144
+#endif
 #ifndef CTLB_REVNAT_MAX
-#define CTLB_REVNAT_MAX 262144
+#define CTLB_REVNAT_MAX 32768
 #endif
 #ifndef CTLB_AFFINITY_MAX
 #define CTLB_AFFINITY_MAX 131072
 #endif
+
+/* Slots of each frontend table: at most half full, so probe sequences stay short. */
+#define CTLB_FE_SLOTS (2 * CTLB_FRONTENDS_MAX)
+/* A frontend sits at most this many slots after its home slot (user space guarantees it). */
+#define CTLB_FE_PROBES 16
+/* Times a reader re-reads a frontend slot that changed under it before it gives up. */
+#define CTLB_FE_RETRIES 3
+/* Peers a socket's reverse-NAT slot holds; more spill into ctlb_revnat4/6. */
+#define CTLB_SOCK_PEERS 2
 
 /* The most backends one frontend may have: bounds the pick so the verifier and a corrupt map
  * can never make us index past what user space can write. */
@@ -45,12 +65,26 @@ enum lb_flags {
 	LB_F_AFFINITY = 1 << 0, /* ClientIP session affinity; timeout in affinity_timeout */
 };
 
-/* IPv4 frontend: a Service address a client dials. */
+/* State of a frontend table slot (lb4_key.state, lb6_key.state). */
+enum lb_slot_state {
+	LB_SLOT_EMPTY = 0, /* never used (or cleaned up): a probe sequence ends here */
+	LB_SLOT_USED = 1,  /* holds a frontend */
+	LB_SLOT_TOMB = 2,  /* deleted, or being filled: probing goes on past it */
+};
+
+/* Per-socket slot flags (lb4_sock.flags, lb6_sock.flags). */
+enum lb_sock_flags {
+	LB_SOCK_SPILLED = 1 << 0, /* a peer of this socket was moved to ctlb_revnat4/6 */
+	LB_SOCK_MRU1 = 1 << 1,    /* peer[1] was used last (else peer[0]) */
+};
+
+/* IPv4 frontend: a Service address a client dials, and the state of the slot holding it. The
+ * eight bytes are read as one word, so a reader sees a key whole. */
 struct lb4_key {
 	__be32 addr;
 	__be16 port;
 	__u8 proto; /* IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP */
-	__u8 pad;
+	__u8 state; /* enum lb_slot_state */
 };
 
 /* IPv6 frontend. */
@@ -58,37 +92,60 @@ struct lb6_key {
 	__be32 addr[4];
 	__be16 port;
 	__u8 proto;
-	__u8 pad;
+	__u8 state;
 };
 
-/* What a frontend resolves to; the same for both families. User space flips a frontend to a
- * new backend set with one update of this value, after the whole set is written (make before
- * break): a connect never sees a half-written set. */
+/* What a frontend resolves to; the same for both families. */
 struct lb_frontend {
 	__u32 svc_id;           /* stable id of the service port: affinity and trace key */
-	__u32 set_id;           /* backend set the frontend points at (lb_backend_key.set_id) */
+	__u32 set_id;           /* backend set; every backend slot of the set carries it */
+	__u32 set_start;        /* first slot of the set in ctlb_be4_v2/ctlb_be6_v2 (a contiguous range) */
 	__u32 count;            /* backends in the set; 0 means refuse (ECONNREFUSED) */
 	__u32 affinity_timeout; /* seconds; used when LB_F_AFFINITY is set */
 	__u32 flags;            /* enum lb_flags */
+};
+
+/* A slot of a frontend table: an open-addressed hash table (linear probing from the home slot
+ * the key's hash gives) kept in an ARRAY map, written by user space only.
+ *
+ * User space rewrites a whole slot per update while programs may be reading it, so each update
+ * changes only bytes no reader relies on at that moment, or a single publishing field:
+ *   - a new value goes into val[!(gen & 1)], then gen is incremented (the flip);
+ *   - a new key is written with state TOMB and both values, then state becomes USED;
+ *   - a delete sets state TOMB; a TOMB that ends a chain becomes EMPTY.
+ * A reader matches the key, takes gen, copies val[gen & 1], and accepts the copy if gen did not
+ * change and the key still matches. So a frontend is served by its old or its new value, never
+ * a mix, and never by the value of another key that took the slot over. */
+struct lb4_fe_slot {
+	struct lb4_key key;
+	__u32 gen;
 	__u32 pad;
+	struct lb_frontend val[2];
 };
 
-/* Slot of a backend set: slots 0..count-1 are filled. */
-struct lb_backend_key {
-	__u32 set_id;
-	__u32 slot;
+struct lb6_fe_slot {
+	struct lb6_key key;
+	__u32 gen;
+	struct lb_frontend val[2];
 };
 
+/* A backend slot. A set is the range [set_start, set_start + count) of the array; user space
+ * writes a whole set into free slots before a frontend points at it (make before break), and
+ * zeroes the slots when no frontend points at it any more. The set id in every slot lets a
+ * program that read a frontend just before it was flipped notice a slot already reused. */
 struct lb4_backend {
 	__be32 addr;
 	__be16 port;
 	__u16 pad;
+	__u32 set_id; /* 0: free */
+	__u32 pad2;
 };
 
 struct lb6_backend {
 	__be32 addr[4];
 	__be16 port;
 	__u16 pad;
+	__u32 set_id;
 };
 
 /* Membership of a backend in a service port's current set: lets an affinity entry be checked
@@ -107,8 +164,44 @@ struct lb6_member_key {
 	__u16 pad;
 };
 
-/* Socket reverse NAT: which frontend a socket dialled when it was sent to this backend. Serves
- * UDP replies (recvmsg) and getpeername(). Keyed by socket cookie, so two sockets never mix. */
+/* Per-socket reverse NAT: which frontend a socket dialled when it was sent to a backend. Serves
+ * UDP replies (recvmsg) and getpeername(). The slot of a socket is its cookie modulo the table
+ * size; cookies are handed out in sequence, so a slot is taken over by a newer socket only
+ * after about CTLB_SOCK_SLOTS more sockets got cookies, much as an LRU of that size would evict
+ * it. The full cookie in the slot tells whose it is: a socket never sees another's entry. */
+struct lb4_sock_peer {
+	__be32 fe_addr; /* frontend the socket dialled */
+	__be32 be_addr; /* backend it was sent to */
+	__be16 fe_port; /* 0: unused peer */
+	__be16 be_port;
+	__u32 set_id;   /* the frontend's set when the backend was picked: unconnected sends reuse
+			 * the backend while the set is unchanged */
+};
+
+struct lb4_sock {
+	__u64 cookie;
+	__u32 flags; /* enum lb_sock_flags */
+	__u32 pad;
+	struct lb4_sock_peer peer[CTLB_SOCK_PEERS];
+};
+
+struct lb6_sock_peer {
+	__be32 fe_addr[4];
+	__be32 be_addr[4];
+	__be16 fe_port;
+	__be16 be_port;
+	__u32 set_id;
+};
+
+struct lb6_sock {
+	__u64 cookie;
+	__u32 flags;
+	__u32 pad;
+	struct lb6_sock_peer peer[CTLB_SOCK_PEERS];
+};
+
+/* Spill reverse NAT: the peers of an unconnected UDP socket beyond the CTLB_SOCK_PEERS its slot
+ * holds. Keyed by socket cookie and backend, so two sockets never mix. */
 struct lb4_revnat_key {
 	__u64 cookie;
 	__be32 addr; /* backend */
@@ -167,14 +260,17 @@ struct lb6_affinity {
 	BPF_TABLE_PINNED7(_type, _key, _leaf, _name, _max, CTLB_PIN_DIR "/" #_name, _flags)
 #endif /* CTLB_LAYOUT_ONLY */
 
-/* Frontend and backend maps are filled by user space only: no preallocation, so memory follows
- * what is programmed rather than the configured ceiling. */
-CTLB_MAP("hash", struct lb4_key, struct lb_frontend, ctlb_fe4, CTLB_FRONTENDS_MAX, BPF_F_NO_PREALLOC);
-CTLB_MAP("hash", struct lb6_key, struct lb_frontend, ctlb_fe6, CTLB_FRONTENDS_MAX, BPF_F_NO_PREALLOC);
-CTLB_MAP("hash", struct lb_backend_key, struct lb4_backend, ctlb_be4, CTLB_BACKENDS_MAX, BPF_F_NO_PREALLOC);
-CTLB_MAP("hash", struct lb_backend_key, struct lb6_backend, ctlb_be6, CTLB_BACKENDS_MAX, BPF_F_NO_PREALLOC);
+/* Frontend and backend tables are written by user space only; the per-socket tables by the
+ * programs only. Arrays are preallocated: their size is their memory. They are mmap-able so
+ * user space reads them whole without a copy per element (it writes through bpf(2)). */
+CTLB_MAP("array", __u32, struct lb4_fe_slot, ctlb_fe4_v2, CTLB_FE_SLOTS, BPF_F_MMAPABLE);
+CTLB_MAP("array", __u32, struct lb6_fe_slot, ctlb_fe6_v2, CTLB_FE_SLOTS, BPF_F_MMAPABLE);
+CTLB_MAP("array", __u32, struct lb4_backend, ctlb_be4_v2, CTLB_BACKENDS_MAX, BPF_F_MMAPABLE);
+CTLB_MAP("array", __u32, struct lb6_backend, ctlb_be6_v2, CTLB_BACKENDS_MAX, BPF_F_MMAPABLE);
 CTLB_MAP("hash", struct lb4_member_key, __u8, ctlb_member4, CTLB_BACKENDS_MAX, BPF_F_NO_PREALLOC);
 CTLB_MAP("hash", struct lb6_member_key, __u8, ctlb_member6, CTLB_BACKENDS_MAX, BPF_F_NO_PREALLOC);
+CTLB_MAP("array", __u32, struct lb4_sock, ctlb_sock4, CTLB_SOCK_SLOTS, BPF_F_MMAPABLE);
+CTLB_MAP("array", __u32, struct lb6_sock, ctlb_sock6, CTLB_SOCK_SLOTS, BPF_F_MMAPABLE);
 CTLB_MAP("lru_hash", struct lb4_revnat_key, struct lb4_revnat, ctlb_revnat4, CTLB_REVNAT_MAX, 0);
 CTLB_MAP("lru_hash", struct lb6_revnat_key, struct lb6_revnat, ctlb_revnat6, CTLB_REVNAT_MAX, 0);
 CTLB_MAP("lru_hash", struct lb_affinity_key, struct lb4_affinity, ctlb_aff4, CTLB_AFFINITY_MAX, 0);

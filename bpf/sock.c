@@ -6,6 +6,11 @@
  *
  * Entry points (ctlb_*) are thin: the workers return 0 (translated), -ENOENT (not a frontend:
  * leave the socket alone) or another -errno, and only the entry point turns that into a verdict.
+ *
+ * Cost: see the header. The translating path reads ARRAY maps only (lookups inlined by the
+ * verifier) and calls one helper, bpf_get_socket_cookie(); bpf_jiffies64() is inlined too. The
+ * pick mixes the cookie (new for every socket) with jiffies instead of calling
+ * bpf_get_prandom_u32(). Session affinity keeps its LRU maps and helpers: it is the slow path.
  */
 #include "ctlb.h"
 
@@ -13,10 +18,24 @@
 #define SYS_PROCEED 1
 
 /* Keeps clang from merging or reordering context accesses: the verifier accepts only the
- * 32-bit loads and stores the sock_addr context defines. */
+ * 32-bit loads and stores the sock_addr context defines. Also orders the reads of a slot that
+ * user space or another CPU may be writing. */
 #ifndef barrier
 #define barrier() asm volatile("" ::: "memory")
 #endif
+
+/* The peer choice below (replace the least recently used, search the most recent first)
+ * is written for two peers. */
+_Static_assert(CTLB_SOCK_PEERS == 2, "sock.c handles exactly two peers per socket slot");
+
+#define READ_U32(p) (*(volatile __u32 *)(p))
+#define READ_U64(p) (*(volatile __u64 *)(p))
+
+/* A frontend key as the one word a slot is compared by. */
+union lb4_key_word {
+	struct lb4_key key;
+	__u64 word;
+};
 
 /* ::ffff:0:0/96, in network order words: an IPv4 peer on an IPv6 socket. */
 static __always_inline bool v4mapped(__be32 a0, __be32 a1, __be32 a2)
@@ -61,6 +80,75 @@ static __always_inline void ctx_set_ip6(struct bpf_sock_addr *ctx, const __be32 
 	barrier();
 }
 
+static __always_inline void copy_ip6(__be32 *dst, const __be32 *src)
+{
+	dst[0] = src[0];
+	dst[1] = src[1];
+	dst[2] = src[2];
+	dst[3] = src[3];
+}
+
+static __always_inline bool ip6_eq(const __be32 *a, const __be32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+/* murmur3's 64-bit finaliser. ctlb/datapath/tables.py computes the same home slots. */
+static __always_inline __u64 ctlb_mix64(__u64 x)
+{
+	x ^= x >> 33;
+	x *= 0xff51afd7ed558ccdULL;
+	x ^= x >> 33;
+	x *= 0xc4ceb9fe1a85ec53ULL;
+	x ^= x >> 33;
+	return x;
+}
+
+/* Maps 32 bits of a hash onto [0, n) with a multiply, not a division. */
+static __always_inline __u32 scale32(__u64 hash, __u32 n)
+{
+	return (__u32)(((hash & 0xffffffffULL) * n) >> 32);
+}
+
+static __always_inline __u32 fe_next(__u32 idx)
+{
+	return idx + 1 >= CTLB_FE_SLOTS ? 0 : idx + 1;
+}
+
+/* A backend pick: the socket cookie is new for every socket, jiffies move it along for a socket
+ * that sends again, and the frontend's svc_id keeps two Services of one socket apart. */
+static __always_inline __u32 pick_slot(const struct lb_frontend *fe, __u64 cookie)
+{
+	return fe->set_start + scale32(ctlb_mix64(cookie ^ (bpf_jiffies64() << 32) ^ fe->svc_id), fe->count);
+}
+
+/* Copies the current value of a slot whose key matched, consistently (see struct lb4_fe_slot):
+ * gen unchanged across the copy means no update overlapped it. */
+static __always_inline int fe_copy(const __u32 *genp, const struct lb_frontend *val, struct lb_frontend *out)
+{
+	__u32 gen;
+
+#pragma unroll
+	for (int i = 0; i < CTLB_FE_RETRIES; i++) {
+		const struct lb_frontend *v;
+
+		gen = READ_U32(genp);
+		barrier();
+		v = (gen & 1) ? &val[1] : &val[0];
+		out->svc_id = v->svc_id;
+		out->set_id = v->set_id;
+		out->set_start = v->set_start;
+		out->count = v->count;
+		out->affinity_timeout = v->affinity_timeout;
+		out->flags = v->flags;
+		barrier();
+		if (READ_U32(genp) == gen)
+			return 0;
+	}
+	/* Rewritten three times within a few nanoseconds: user space never does that. */
+	return -EAGAIN;
+}
+
 static __always_inline bool affinity_fresh(const struct lb_frontend *fe, __u64 last_used, __u64 now)
 {
 	return now - last_used <= (__u64)fe->affinity_timeout * CTLB_NSEC_PER_SEC;
@@ -78,14 +166,45 @@ static __always_inline int sock_verdict(int ret)
 
 /* --- IPv4 ------------------------------------------------------------------------------- */
 
-static __always_inline struct lb_frontend *lb4_lookup_frontend(__be32 addr, __be16 port, __u8 proto)
+static __always_inline int lb4_lookup_frontend(__be32 addr, __be16 port, __u8 proto, struct lb_frontend *out)
 {
-	struct lb4_key key = {};
+	union lb4_key_word want = {};
+	__u32 idx;
 
-	key.addr = addr;
-	key.port = port;
-	key.proto = proto;
-	return ctlb_fe4.lookup(&key);
+	want.key.addr = addr;
+	want.key.port = port;
+	want.key.proto = proto;
+	want.key.state = LB_SLOT_USED;
+	idx = scale32(ctlb_mix64(want.word), CTLB_FE_SLOTS);
+#pragma unroll
+	for (int i = 0; i < CTLB_FE_PROBES; i++) {
+		struct lb4_fe_slot *s = ctlb_fe4_v2.lookup(&idx);
+		union lb4_key_word k;
+
+		if (!s)
+			return -ENOENT;
+		k.word = READ_U64(&s->key);
+		if (k.word == want.word) {
+			if (fe_copy(&s->gen, s->val, out))
+				return -ENOENT;
+			/* Deleted and taken over by another key while we copied? */
+			barrier();
+			if (READ_U64(&s->key) != want.word)
+				return -ENOENT;
+			return 0;
+		}
+		if (k.key.state == LB_SLOT_EMPTY)
+			return -ENOENT;
+		idx = fe_next(idx);
+	}
+	return -ENOENT;
+}
+
+static __always_inline struct lb4_sock *lb4_sock_slot(__u64 cookie)
+{
+	__u32 idx = cookie & (CTLB_SOCK_SLOTS - 1);
+
+	return ctlb_sock4.lookup(&idx);
 }
 
 /* The affinity entry's backend, if it is fresh and still in the service port's set. */
@@ -109,18 +228,15 @@ static __always_inline bool lb4_affinity_backend(const struct lb_frontend *fe,
 	return true;
 }
 
-static __always_inline int lb4_pick_backend(void *ctx, const struct lb_frontend *fe,
+static __always_inline int lb4_pick_backend(void *ctx, const struct lb_frontend *fe, __u64 cookie,
 					    struct lb4_backend *out)
 {
 	struct lb_affinity_key akey = {};
-	struct lb_backend_key bkey = {};
 	struct lb4_affinity aff = {};
 	struct lb4_backend *be;
-	__u32 count = fe->count;
 	__u64 now = 0;
+	__u32 slot;
 
-	if (count == 0 || count > CTLB_SET_MAX)
-		return -ECONNREFUSED;
 	if (fe->flags & LB_F_AFFINITY) {
 		akey.client = bpf_get_netns_cookie(ctx);
 		akey.svc_id = fe->svc_id;
@@ -128,12 +244,11 @@ static __always_inline int lb4_pick_backend(void *ctx, const struct lb_frontend 
 		if (lb4_affinity_backend(fe, &akey, now, out))
 			return 0;
 	}
-	bkey.set_id = fe->set_id;
-	bkey.slot = bpf_get_prandom_u32() % count;
-	be = ctlb_be4.lookup(&bkey);
-	/* Cannot happen while user space writes sets before pointing at them; refuse rather than
-	 * let the connection go to the Service address, which nothing answers. */
-	if (!be)
+	slot = pick_slot(fe, cookie);
+	be = ctlb_be4_v2.lookup(&slot);
+	/* A slot of another set: this program read the frontend just before user space flipped it
+	 * and freed its old set. Refuse rather than send the connection to a stranger. */
+	if (!be || be->set_id != fe->set_id)
 		return -EHOSTUNREACH;
 	out->addr = be->addr;
 	out->port = be->port;
@@ -146,55 +261,166 @@ static __always_inline int lb4_pick_backend(void *ctx, const struct lb_frontend 
 	return 0;
 }
 
-static __always_inline void lb4_remember(void *ctx, const struct lb4_backend *be, __be32 fe_addr,
-					 __be16 fe_port, __u32 svc_id)
+/* An unconnected send to a frontend this socket sent to before, while the set is unchanged,
+ * goes to the same backend: replies then come from a peer the slot knows, and the socket's
+ * traffic stays on one backend as kube-proxy's conntrack entry would keep it. */
+static __always_inline bool lb4_sock_sticky(struct lb4_sock *sk, __u64 cookie, __be32 daddr,
+					    __be16 dport, const struct lb_frontend *fe,
+					    struct lb4_backend *out)
+{
+	if (sk->cookie != cookie)
+		return false;
+#pragma unroll
+	for (int i = 0; i < CTLB_SOCK_PEERS; i++) {
+		struct lb4_sock_peer *p = &sk->peer[i];
+
+		if (p->fe_port == dport && p->fe_addr == daddr && p->set_id == fe->set_id) {
+			out->addr = p->be_addr;
+			out->port = p->be_port;
+			if (((sk->flags & LB_SOCK_MRU1) != 0) != (i == 1))
+				sk->flags ^= LB_SOCK_MRU1;
+			return true;
+		}
+	}
+	return false;
+}
+
+static __always_inline void lb4_spill(__u64 cookie, const struct lb4_sock_peer *p)
 {
 	struct lb4_revnat_key key = {};
 	struct lb4_revnat val = {};
 
-	key.cookie = bpf_get_socket_cookie(ctx);
-	key.addr = be->addr;
-	key.port = be->port;
-	val.addr = fe_addr;
-	val.port = fe_port;
-	val.svc_id = svc_id;
+	key.cookie = cookie;
+	key.addr = p->be_addr;
+	key.port = p->be_port;
+	val.addr = p->fe_addr;
+	val.port = p->fe_port;
 	ctlb_revnat4.update(&key, &val);
+}
+
+/* Records which frontend the socket dialled when it was sent to *be. A connect (or the first
+ * send of a socket) takes the slot over, with this one peer; an unconnected send adds a peer or
+ * renews the peer of its frontend, else replaces the least recently used one; a replaced peer
+ * moves to the spill map. The cookie is written
+ * first: a reader that checks it after reading a peer never takes a peer of another socket. */
+static __always_inline void lb4_sock_remember(struct lb4_sock *sk, __u64 cookie, bool connect,
+					      __be32 fe_addr, __be16 fe_port,
+					      const struct lb_frontend *fe, const struct lb4_backend *be)
+{
+	struct lb4_sock_peer *p;
+	int i;
+
+	if (connect || sk->cookie != cookie) {
+		sk->cookie = cookie;
+		barrier();
+		sk->flags = 0;
+		sk->peer[1].fe_port = 0;
+		p = &sk->peer[0];
+	} else {
+		if (sk->peer[0].fe_port == fe_port && sk->peer[0].fe_addr == fe_addr)
+			i = 0;
+		else if (sk->peer[1].fe_port == fe_port && sk->peer[1].fe_addr == fe_addr)
+			i = 1;
+		else if (sk->peer[0].fe_port == 0)
+			i = 0;
+		else if (sk->peer[1].fe_port == 0)
+			i = 1;
+		else
+			i = (sk->flags & LB_SOCK_MRU1) ? 0 : 1;
+		p = &sk->peer[i & 1];
+		/* The peer it replaces may have a reply in flight: from another frontend, or from
+		 * this frontend's backend of before a set change. */
+		if (p->fe_port != 0 && !(p->fe_port == fe_port && p->fe_addr == fe_addr &&
+					 p->be_port == be->port && p->be_addr == be->addr)) {
+			lb4_spill(cookie, p);
+			sk->flags |= LB_SOCK_SPILLED;
+		}
+		if (i)
+			sk->flags |= LB_SOCK_MRU1;
+		else
+			sk->flags &= ~LB_SOCK_MRU1;
+	}
+	p->fe_addr = fe_addr;
+	p->be_addr = be->addr;
+	p->be_port = be->port;
+	p->set_id = fe->set_id;
+	barrier();
+	p->fe_port = fe_port;
 }
 
 /* Frontend -> backend. On 0, *out holds the backend to write into the context. */
 static __always_inline int __sock4_xlate_fwd(void *ctx, __be32 daddr, __be16 dport, __u8 proto,
-					     struct lb4_backend *out)
+					     bool connect, struct lb4_backend *out)
 {
-	struct lb_frontend *fe = lb4_lookup_frontend(daddr, dport, proto);
+	struct lb_frontend fe;
+	struct lb4_sock *sk;
+	__u64 cookie;
 	int ret;
 
-	if (!fe)
+	if (lb4_lookup_frontend(daddr, dport, proto, &fe))
 		return -ENOENT;
-	ret = lb4_pick_backend(ctx, fe, out);
+	if (fe.count == 0 || fe.count > CTLB_SET_MAX)
+		return -ECONNREFUSED;
+	cookie = bpf_get_socket_cookie(ctx);
+	sk = lb4_sock_slot(cookie);
+	if (!sk)
+		return -ENOENT;
+	if (!connect && !(fe.flags & LB_F_AFFINITY) && lb4_sock_sticky(sk, cookie, daddr, dport, &fe, out))
+		return 0;
+	ret = lb4_pick_backend(ctx, &fe, cookie, out);
 	if (ret)
 		return ret;
-	lb4_remember(ctx, out, daddr, dport, fe->svc_id);
+	lb4_sock_remember(sk, cookie, connect, daddr, dport, &fe, out);
 	return 0;
 }
 
 /* Backend -> frontend for a socket that was translated. */
 static __always_inline int __sock4_xlate_rev(void *ctx, __be32 saddr, __be16 sport,
-					     struct lb4_revnat *out)
+					     __be32 *fe_addr, __be16 *fe_port)
 {
 	struct lb4_revnat_key key = {};
 	struct lb4_revnat *rev;
+	struct lb4_sock *sk;
+	__u32 mru;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
 
-	key.cookie = bpf_get_socket_cookie(ctx);
+	sk = lb4_sock_slot(cookie);
+	if (!sk || READ_U64(&sk->cookie) != cookie)
+		return -ENOENT;
+	mru = (sk->flags & LB_SOCK_MRU1) ? 1 : 0;
+	/* Most recently used first: a socket that asks two Services sharing a backend in turn
+	 * gets each answer from the Service it asked last. */
+#pragma unroll
+	for (int i = 0; i < CTLB_SOCK_PEERS; i++) {
+		struct lb4_sock_peer *p = &sk->peer[(mru ^ i) & 1];
+
+		if (p->fe_port != 0 && p->be_addr == saddr && p->be_port == sport) {
+			__be32 addr = p->fe_addr;
+			__be16 port = p->fe_port;
+
+			barrier();
+			/* Taken over by a newer socket while we read it? */
+			if (READ_U64(&sk->cookie) != cookie)
+				return -ENOENT;
+			*fe_addr = addr;
+			*fe_port = port;
+			return 0;
+		}
+	}
+	if (!(sk->flags & LB_SOCK_SPILLED))
+		return -ENOENT;
+	key.cookie = cookie;
 	key.addr = saddr;
 	key.port = sport;
 	rev = ctlb_revnat4.lookup(&key);
 	if (!rev)
 		return -ENOENT;
-	*out = *rev;
+	*fe_addr = rev->addr;
+	*fe_port = rev->port;
 	return 0;
 }
 
-static __always_inline int sock4_fwd(struct bpf_sock_addr *ctx)
+static __always_inline int sock4_fwd(struct bpf_sock_addr *ctx, bool connect)
 {
 	struct lb4_backend be = {};
 	__be32 daddr = ctx->user_ip4;
@@ -203,7 +429,7 @@ static __always_inline int sock4_fwd(struct bpf_sock_addr *ctx)
 
 	barrier();
 	dport = ctx_port(ctx);
-	ret = __sock4_xlate_fwd(ctx, daddr, dport, (__u8)ctx->protocol, &be);
+	ret = __sock4_xlate_fwd(ctx, daddr, dport, (__u8)ctx->protocol, connect, &be);
 	if (ret == 0) {
 		ctx->user_ip4 = be.addr;
 		barrier();
@@ -214,28 +440,28 @@ static __always_inline int sock4_fwd(struct bpf_sock_addr *ctx)
 
 static __always_inline int sock4_rev(struct bpf_sock_addr *ctx)
 {
-	struct lb4_revnat rev = {};
 	__be32 saddr = ctx->user_ip4;
-	__be16 sport;
+	__be32 fe_addr;
+	__be16 sport, fe_port;
 
 	barrier();
 	sport = ctx_port(ctx);
-	if (__sock4_xlate_rev(ctx, saddr, sport, &rev) == 0) {
-		ctx->user_ip4 = rev.addr;
+	if (__sock4_xlate_rev(ctx, saddr, sport, &fe_addr, &fe_port) == 0) {
+		ctx->user_ip4 = fe_addr;
 		barrier();
-		ctx_set_port(ctx, rev.port);
+		ctx_set_port(ctx, fe_port);
 	}
 	return SYS_PROCEED;
 }
 
 int ctlb_connect4(struct bpf_sock_addr *ctx)
 {
-	return sock4_fwd(ctx);
+	return sock4_fwd(ctx, true);
 }
 
 int ctlb_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return sock4_fwd(ctx);
+	return sock4_fwd(ctx, false);
 }
 
 int ctlb_recvmsg4(struct bpf_sock_addr *ctx)
@@ -250,26 +476,53 @@ int ctlb_getpeer4(struct bpf_sock_addr *ctx)
 
 /* --- IPv6 ------------------------------------------------------------------------------- */
 
-static __always_inline struct lb_frontend *lb6_lookup_frontend(const __be32 *addr, __be16 port,
-							       __u8 proto)
+/* The key of an IPv6 slot is compared as three loads; state sits in the last one, which is
+ * read first (a slot only becomes USED after its address is written). */
+static __always_inline int lb6_lookup_frontend(const __be32 *addr, __be16 port, __u8 proto,
+					       struct lb_frontend *out)
 {
-	struct lb6_key key = {};
+	struct lb6_key want = {};
+	__u64 w0, w1;
+	__u32 w2, idx;
 
-	key.addr[0] = addr[0];
-	key.addr[1] = addr[1];
-	key.addr[2] = addr[2];
-	key.addr[3] = addr[3];
-	key.port = port;
-	key.proto = proto;
-	return ctlb_fe6.lookup(&key);
+	copy_ip6(want.addr, addr);
+	want.port = port;
+	want.proto = proto;
+	want.state = LB_SLOT_USED;
+	w0 = *(__u64 *)&want.addr[0];
+	w1 = *(__u64 *)&want.addr[2];
+	w2 = *(__u32 *)&want.port;
+	idx = scale32(ctlb_mix64(w0 ^ ctlb_mix64(w1 ^ ctlb_mix64(w2))), CTLB_FE_SLOTS);
+#pragma unroll
+	for (int i = 0; i < CTLB_FE_PROBES; i++) {
+		struct lb6_fe_slot *s = ctlb_fe6_v2.lookup(&idx);
+		__u32 k2;
+
+		if (!s)
+			return -ENOENT;
+		k2 = READ_U32(&s->key.port);
+		barrier();
+		if (k2 == w2 && READ_U64(&s->key.addr[0]) == w0 && READ_U64(&s->key.addr[2]) == w1) {
+			if (fe_copy(&s->gen, s->val, out))
+				return -ENOENT;
+			barrier();
+			if (READ_U32(&s->key.port) != w2 || READ_U64(&s->key.addr[0]) != w0 ||
+			    READ_U64(&s->key.addr[2]) != w1)
+				return -ENOENT;
+			return 0;
+		}
+		if ((k2 >> 24) == LB_SLOT_EMPTY) /* state: the last byte of the word */
+			return -ENOENT;
+		idx = fe_next(idx);
+	}
+	return -ENOENT;
 }
 
-static __always_inline void copy_ip6(__be32 *dst, const __be32 *src)
+static __always_inline struct lb6_sock *lb6_sock_slot(__u64 cookie)
 {
-	dst[0] = src[0];
-	dst[1] = src[1];
-	dst[2] = src[2];
-	dst[3] = src[3];
+	__u32 idx = cookie & (CTLB_SOCK_SLOTS - 1);
+
+	return ctlb_sock6.lookup(&idx);
 }
 
 static __always_inline bool lb6_affinity_backend(const struct lb_frontend *fe,
@@ -292,18 +545,15 @@ static __always_inline bool lb6_affinity_backend(const struct lb_frontend *fe,
 	return true;
 }
 
-static __always_inline int lb6_pick_backend(void *ctx, const struct lb_frontend *fe,
+static __always_inline int lb6_pick_backend(void *ctx, const struct lb_frontend *fe, __u64 cookie,
 					    struct lb6_backend *out)
 {
 	struct lb_affinity_key akey = {};
-	struct lb_backend_key bkey = {};
 	struct lb6_affinity aff = {};
 	struct lb6_backend *be;
-	__u32 count = fe->count;
 	__u64 now = 0;
+	__u32 slot;
 
-	if (count == 0 || count > CTLB_SET_MAX)
-		return -ECONNREFUSED;
 	if (fe->flags & LB_F_AFFINITY) {
 		akey.client = bpf_get_netns_cookie(ctx);
 		akey.svc_id = fe->svc_id;
@@ -311,10 +561,9 @@ static __always_inline int lb6_pick_backend(void *ctx, const struct lb_frontend 
 		if (lb6_affinity_backend(fe, &akey, now, out))
 			return 0;
 	}
-	bkey.set_id = fe->set_id;
-	bkey.slot = bpf_get_prandom_u32() % count;
-	be = ctlb_be6.lookup(&bkey);
-	if (!be)
+	slot = pick_slot(fe, cookie);
+	be = ctlb_be6_v2.lookup(&slot);
+	if (!be || be->set_id != fe->set_id)
 		return -EHOSTUNREACH;
 	copy_ip6(out->addr, be->addr);
 	out->port = be->port;
@@ -327,59 +576,156 @@ static __always_inline int lb6_pick_backend(void *ctx, const struct lb_frontend 
 	return 0;
 }
 
-static __always_inline void lb6_remember(void *ctx, const struct lb6_backend *be,
-					 const __be32 *fe_addr, __be16 fe_port, __u32 svc_id)
+static __always_inline bool lb6_sock_sticky(struct lb6_sock *sk, __u64 cookie, const __be32 *daddr,
+					    __be16 dport, const struct lb_frontend *fe,
+					    struct lb6_backend *out)
+{
+	if (sk->cookie != cookie)
+		return false;
+#pragma unroll
+	for (int i = 0; i < CTLB_SOCK_PEERS; i++) {
+		struct lb6_sock_peer *p = &sk->peer[i];
+
+		if (p->fe_port == dport && ip6_eq(p->fe_addr, daddr) && p->set_id == fe->set_id) {
+			copy_ip6(out->addr, p->be_addr);
+			out->port = p->be_port;
+			if (((sk->flags & LB_SOCK_MRU1) != 0) != (i == 1))
+				sk->flags ^= LB_SOCK_MRU1;
+			return true;
+		}
+	}
+	return false;
+}
+
+static __always_inline void lb6_spill(__u64 cookie, const struct lb6_sock_peer *p)
 {
 	struct lb6_revnat_key key = {};
 	struct lb6_revnat val = {};
 
-	key.cookie = bpf_get_socket_cookie(ctx);
-	copy_ip6(key.addr, be->addr);
-	key.port = be->port;
-	copy_ip6(val.addr, fe_addr);
-	val.port = fe_port;
-	val.svc_id = svc_id;
+	key.cookie = cookie;
+	copy_ip6(key.addr, p->be_addr);
+	key.port = p->be_port;
+	copy_ip6(val.addr, p->fe_addr);
+	val.port = p->fe_port;
 	ctlb_revnat6.update(&key, &val);
 }
 
-static __always_inline int __sock6_xlate_fwd(void *ctx, const __be32 *daddr, __be16 dport,
-					     __u8 proto, struct lb6_backend *out)
+static __always_inline void lb6_sock_remember(struct lb6_sock *sk, __u64 cookie, bool connect,
+					      const __be32 *fe_addr, __be16 fe_port,
+					      const struct lb_frontend *fe, const struct lb6_backend *be)
 {
-	struct lb_frontend *fe = lb6_lookup_frontend(daddr, dport, proto);
+	struct lb6_sock_peer *p;
+	int i;
+
+	if (connect || sk->cookie != cookie) {
+		sk->cookie = cookie;
+		barrier();
+		sk->flags = 0;
+		sk->peer[1].fe_port = 0;
+		p = &sk->peer[0];
+	} else {
+		if (sk->peer[0].fe_port == fe_port && ip6_eq(sk->peer[0].fe_addr, fe_addr))
+			i = 0;
+		else if (sk->peer[1].fe_port == fe_port && ip6_eq(sk->peer[1].fe_addr, fe_addr))
+			i = 1;
+		else if (sk->peer[0].fe_port == 0)
+			i = 0;
+		else if (sk->peer[1].fe_port == 0)
+			i = 1;
+		else
+			i = (sk->flags & LB_SOCK_MRU1) ? 0 : 1;
+		p = &sk->peer[i & 1];
+		if (p->fe_port != 0 && !(p->fe_port == fe_port && ip6_eq(p->fe_addr, fe_addr) &&
+					 p->be_port == be->port && ip6_eq(p->be_addr, be->addr))) {
+			lb6_spill(cookie, p);
+			sk->flags |= LB_SOCK_SPILLED;
+		}
+		if (i)
+			sk->flags |= LB_SOCK_MRU1;
+		else
+			sk->flags &= ~LB_SOCK_MRU1;
+	}
+	copy_ip6(p->fe_addr, fe_addr);
+	copy_ip6(p->be_addr, be->addr);
+	p->be_port = be->port;
+	p->set_id = fe->set_id;
+	barrier();
+	p->fe_port = fe_port;
+}
+
+static __always_inline int __sock6_xlate_fwd(void *ctx, const __be32 *daddr, __be16 dport,
+					     __u8 proto, bool connect, struct lb6_backend *out)
+{
+	struct lb_frontend fe;
+	struct lb6_sock *sk;
+	__u64 cookie;
 	int ret;
 
-	if (!fe)
+	if (lb6_lookup_frontend(daddr, dport, proto, &fe))
 		return -ENOENT;
-	ret = lb6_pick_backend(ctx, fe, out);
+	if (fe.count == 0 || fe.count > CTLB_SET_MAX)
+		return -ECONNREFUSED;
+	cookie = bpf_get_socket_cookie(ctx);
+	sk = lb6_sock_slot(cookie);
+	if (!sk)
+		return -ENOENT;
+	if (!connect && !(fe.flags & LB_F_AFFINITY) && lb6_sock_sticky(sk, cookie, daddr, dport, &fe, out))
+		return 0;
+	ret = lb6_pick_backend(ctx, &fe, cookie, out);
 	if (ret)
 		return ret;
-	lb6_remember(ctx, out, daddr, dport, fe->svc_id);
+	lb6_sock_remember(sk, cookie, connect, daddr, dport, &fe, out);
 	return 0;
 }
 
 static __always_inline int __sock6_xlate_rev(void *ctx, const __be32 *saddr, __be16 sport,
-					     struct lb6_revnat *out)
+					     __be32 *fe_addr, __be16 *fe_port)
 {
 	struct lb6_revnat_key key = {};
 	struct lb6_revnat *rev;
+	struct lb6_sock *sk;
+	__u32 mru;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
 
-	key.cookie = bpf_get_socket_cookie(ctx);
+	sk = lb6_sock_slot(cookie);
+	if (!sk || READ_U64(&sk->cookie) != cookie)
+		return -ENOENT;
+	mru = (sk->flags & LB_SOCK_MRU1) ? 1 : 0;
+#pragma unroll
+	for (int i = 0; i < CTLB_SOCK_PEERS; i++) {
+		struct lb6_sock_peer *p = &sk->peer[(mru ^ i) & 1];
+
+		if (p->fe_port != 0 && p->be_port == sport && ip6_eq(p->be_addr, saddr)) {
+			__be16 port = p->fe_port;
+
+			copy_ip6(fe_addr, p->fe_addr);
+			barrier();
+			if (READ_U64(&sk->cookie) != cookie)
+				return -ENOENT;
+			*fe_port = port;
+			return 0;
+		}
+	}
+	if (!(sk->flags & LB_SOCK_SPILLED))
+		return -ENOENT;
+	key.cookie = cookie;
 	copy_ip6(key.addr, saddr);
 	key.port = sport;
 	rev = ctlb_revnat6.lookup(&key);
 	if (!rev)
 		return -ENOENT;
-	*out = *rev;
+	copy_ip6(fe_addr, rev->addr);
+	*fe_port = rev->port;
 	return 0;
 }
 
 /* An IPv6 socket dialling ::ffff:a.b.c.d reaches an IPv4 frontend: translate with the IPv4
  * maps and write the backend back in mapped form. */
 static __always_inline int sock6_fwd_mapped(struct bpf_sock_addr *ctx, const __be32 *daddr,
-					    __be16 dport)
+					    __be16 dport, bool connect)
 {
 	struct lb4_backend be = {};
-	int ret = __sock4_xlate_fwd(ctx, daddr[3], dport, (__u8)ctx->protocol, &be);
+	int ret = __sock4_xlate_fwd(ctx, daddr[3], dport, (__u8)ctx->protocol, connect, &be);
 
 	if (ret == 0) {
 		ctx->user_ip6[3] = be.addr;
@@ -389,7 +735,7 @@ static __always_inline int sock6_fwd_mapped(struct bpf_sock_addr *ctx, const __b
 	return sock_verdict(ret);
 }
 
-static __always_inline int sock6_fwd(struct bpf_sock_addr *ctx)
+static __always_inline int sock6_fwd(struct bpf_sock_addr *ctx, bool connect)
 {
 	struct lb6_backend be = {};
 	__be32 daddr[4];
@@ -399,8 +745,8 @@ static __always_inline int sock6_fwd(struct bpf_sock_addr *ctx)
 	ctx_get_ip6(ctx, daddr);
 	dport = ctx_port(ctx);
 	if (v4mapped(daddr[0], daddr[1], daddr[2]))
-		return sock6_fwd_mapped(ctx, daddr, dport);
-	ret = __sock6_xlate_fwd(ctx, daddr, dport, (__u8)ctx->protocol, &be);
+		return sock6_fwd_mapped(ctx, daddr, dport, connect);
+	ret = __sock6_xlate_fwd(ctx, daddr, dport, (__u8)ctx->protocol, connect, &be);
 	if (ret == 0) {
 		ctx_set_ip6(ctx, be.addr);
 		ctx_set_port(ctx, be.port);
@@ -410,36 +756,35 @@ static __always_inline int sock6_fwd(struct bpf_sock_addr *ctx)
 
 static __always_inline int sock6_rev(struct bpf_sock_addr *ctx)
 {
-	struct lb4_revnat rev4 = {};
-	struct lb6_revnat rev6 = {};
-	__be32 saddr[4];
-	__be16 sport;
+	__be32 saddr[4], fe6[4];
+	__be32 fe4;
+	__be16 sport, fe_port;
 
 	ctx_get_ip6(ctx, saddr);
 	sport = ctx_port(ctx);
 	if (v4mapped(saddr[0], saddr[1], saddr[2])) {
-		if (__sock4_xlate_rev(ctx, saddr[3], sport, &rev4) == 0) {
-			ctx->user_ip6[3] = rev4.addr;
+		if (__sock4_xlate_rev(ctx, saddr[3], sport, &fe4, &fe_port) == 0) {
+			ctx->user_ip6[3] = fe4;
 			barrier();
-			ctx_set_port(ctx, rev4.port);
+			ctx_set_port(ctx, fe_port);
 		}
 		return SYS_PROCEED;
 	}
-	if (__sock6_xlate_rev(ctx, saddr, sport, &rev6) == 0) {
-		ctx_set_ip6(ctx, rev6.addr);
-		ctx_set_port(ctx, rev6.port);
+	if (__sock6_xlate_rev(ctx, saddr, sport, fe6, &fe_port) == 0) {
+		ctx_set_ip6(ctx, fe6);
+		ctx_set_port(ctx, fe_port);
 	}
 	return SYS_PROCEED;
 }
 
 int ctlb_connect6(struct bpf_sock_addr *ctx)
 {
-	return sock6_fwd(ctx);
+	return sock6_fwd(ctx, true);
 }
 
 int ctlb_sendmsg6(struct bpf_sock_addr *ctx)
 {
-	return sock6_fwd(ctx);
+	return sock6_fwd(ctx, false);
 }
 
 int ctlb_recvmsg6(struct bpf_sock_addr *ctx)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import structlog
 
@@ -24,25 +24,45 @@ class Datapath:
         self._bpf = bpf
         self.pinned = pinned
         self.reconciler = reconcile.Reconciler(tables.kernel_tables(pinned))
+        self._pending_attach: Callable[[], None] | None = None
 
     @classmethod
     def install(cls, *, bpffs: pathlib.Path, cgroup: pathlib.Path, sizes: programs.MapSizes) -> Datapath:
-        """Loads the programs, opens or creates the pinned maps, attaches (or swaps in) the
-        programs on `cgroup`, and adopts what the maps already hold."""
+        """Loads the programs, opens or creates the pinned maps, adopts what the maps already
+        hold, and attaches (or swaps in) the programs on `cgroup`.
+
+        When programs are attached already but this version's frontend tables are empty (an
+        upgrade from an earlier map layout), the swap waits for the first `apply`: the running
+        programs keep serving from their own maps until the new ones are filled.
+        """
         programs.ensure_bpffs_dir(bpffs)
-        bpf, prog_fds = programs.compile_and_load(bpffs, sizes)
-        programs.attach(cgroup, bpffs, prog_fds)
+        bpf, prog_fds = programs.compile_and_load(bpffs, programs.sizes_of_pins(bpffs, sizes))
         pinned = maps.open_pinned(bpffs, maps.layouts_of(bpf))
         _warn_on_size_change(pinned, sizes)
         datapath = cls(bpf=bpf, pinned=pinned)
-        log.info("datapath_ready", bpffs=str(bpffs), cgroup=str(cgroup),
-                 adopted_frontends=len(datapath.reconciler.programmed.frontends))
+
+        def attach() -> None:
+            programs.attach(cgroup, bpffs, prog_fds)
+            programs.remove_legacy_maps(bpffs)
+
+        adopted = len(datapath.reconciler.programmed.frontends)
+        if adopted or not programs.attachments(bpffs):
+            attach()
+        else:
+            datapath._pending_attach = attach
+        log.info("datapath_ready", bpffs=str(bpffs), cgroup=str(cgroup), adopted_frontends=adopted,
+                 attached=datapath._pending_attach is None)
         return datapath
 
     def apply(self, state: desired.DesiredState, *,
               hint: Collection[desired.ServicePortName] | None = None) -> reconcile.Outcome:
         """Programs `state`; `hint` names the service ports that may have changed, if known."""
-        return self.reconciler.apply(state, hint=hint)
+        outcome = self.reconciler.apply(state, hint=hint)
+        if self._pending_attach is not None:
+            self._pending_attach()
+            self._pending_attach = None
+            log.info("programs_swapped_in", after="first apply")
+        return outcome
 
     def close(self) -> None:
         """Releases this process's handles; programs and pins stay (restarts drop nothing)."""
@@ -54,11 +74,8 @@ class Datapath:
 
 
 def _warn_on_size_change(pinned: dict[str, maps.PinnedMap], sizes: programs.MapSizes) -> None:
-    wanted = {**{n: sizes.frontends for n in maps.FRONTENDS.values()},
-              **{n: sizes.backends for n in (*maps.BACKENDS.values(), *maps.MEMBERS.values())},
-              **{n: sizes.revnat for n in maps.REVNAT.values()},
-              **{n: sizes.affinity for n in maps.AFFINITY.values()}}
     for name, m in pinned.items():
-        if m.max_entries != wanted[name]:
-            log.warning("map_size_unchanged", map=name, pinned=m.max_entries, configured=wanted[name],
+        wanted = sizes.map_entries(name)
+        if m.max_entries != wanted:
+            log.warning("map_size_unchanged", map=name, pinned=m.max_entries, configured=wanted,
                         hint="pinned maps keep their size; `ctlb uninstall` and restart to resize")

@@ -5,6 +5,7 @@ Opens the pins without creating anything: layouts come from a layout-only compil
 
 from __future__ import annotations
 
+import ctypes as ct
 import errno
 import pathlib
 from dataclasses import dataclass
@@ -40,9 +41,32 @@ def inspect(bpffs: pathlib.Path) -> Inspection | None:
             return None
         raise
     try:
-        fill = [MapFill(name, sum(1 for _ in m.keys()), m.max_entries) for name, m in pinned.items()]
+        fill = [_fill(m) for m in pinned.values()]
         programmed = reconcile.read_programmed(tables.kernel_tables(pinned))
     finally:
         for m in pinned.values():
             m.close()
     return Inspection(attachments=programs.attachments(bpffs), programmed=programmed, fill=fill)
+
+
+def _fill(m: maps.PinnedMap) -> MapFill:
+    """Entries in use. An ARRAY map has every index: what counts there is a USED frontend slot
+    (out of half the slots, the table's capacity), a backend slot with a set, a socket slot with
+    a cookie."""
+    if m.name not in maps.ARRAYS:
+        return MapFill(m.name, sum(1 for _ in m.keys()), m.max_entries)
+    if m.name in maps.FRONTENDS.values():
+        values = _field_values(m, ("key", "state"))
+        return MapFill(m.name, sum(1 for v in values if v == tables.SLOT_USED), m.max_entries // 2)
+    field = ("set_id",) if m.name in maps.BACKENDS.values() else ("cookie",)
+    return MapFill(m.name, sum(1 for v in _field_values(m, field) if v), m.max_entries)
+
+
+def _field_values(m: maps.PinnedMap, path: tuple[str, ...]) -> memoryview:
+    """One field of every element of an ARRAY map, as a strided view."""
+    leaf = m.layout.leaf
+    offset, size = tables.field_bytes(leaf, *path)
+    fmt = {1: "B", 4: "I", 8: "Q"}[size]
+    stride = ct.sizeof(leaf)
+    assert offset % size == 0 and stride % size == 0
+    return memoryview(m.read_all()).cast("B").cast(fmt)[offset // size::stride // size]

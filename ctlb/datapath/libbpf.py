@@ -15,6 +15,7 @@ from dataclasses import dataclass
 _LIB = ct.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
 
 BPF_ANY = 0
+BPF_F_MMAPABLE = 1 << 10  # map_flags of an ARRAY whose values user space may mmap
 
 _LIB.bpf_obj_get.argtypes = [ct.c_char_p]
 _LIB.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
@@ -22,6 +23,8 @@ _LIB.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
 _LIB.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
 _LIB.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
 _LIB.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+_LIB.bpf_map_lookup_batch.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_void_p, ct.c_void_p,
+                                      ct.POINTER(ct.c_uint32), ct.c_void_p]
 _LIB.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
 _LIB.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
 _LIB.bpf_link_update.argtypes = [ct.c_int, ct.c_int, ct.c_void_p]
@@ -82,6 +85,28 @@ def map_next_key(fd: int, key: ct.Structure | None, next_key: ct.Structure) -> b
     return True
 
 
+def array_read_all(fd: int, leaf: type, max_entries: int, *, chunk: int = 4096) -> ct.Array:
+    """Every element of an ARRAY map, in index order, with BPF_MAP_LOOKUP_BATCH: a few
+    syscalls instead of one per element."""
+    leaves = (leaf * max_entries)()
+    keys = (ct.c_uint32 * chunk)()
+    cursor = ct.c_uint32(0)
+    done = 0
+    while done < max_entries:
+        count = ct.c_uint32(min(chunk, max_entries - done))
+        ret = _LIB.bpf_map_lookup_batch(fd, ct.byref(cursor) if done else None, ct.byref(cursor), keys,
+                                        ct.byref(leaves, done * ct.sizeof(leaf)), ct.byref(count), None)
+        # The last batch ends with ENOENT (libbpf 1.x returns -errno and also sets errno).
+        if ret < 0 and (-ret if ret < -1 else ct.get_errno()) != errno.ENOENT:
+            _check(ret, "map lookup batch")
+        done += count.value
+        if ret < 0 or count.value == 0:
+            break
+    if done != max_entries:
+        raise BpfError(errno.EIO, f"map lookup batch: read {done} of {max_entries} elements")
+    return leaves
+
+
 class _MapInfo(ct.Structure):
     # struct bpf_map_info (uapi/linux/bpf.h), the leading fields we read.
     _fields_ = [
@@ -135,6 +160,7 @@ class MapInfo:
     key_size: int
     value_size: int
     max_entries: int
+    map_flags: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +181,7 @@ def map_info(fd: int) -> MapInfo:
     info = _MapInfo()
     _info(fd, info)
     return MapInfo(id=info.id, name=info.name.decode(), key_size=info.key_size,
-                   value_size=info.value_size, max_entries=info.max_entries)
+                   value_size=info.value_size, max_entries=info.max_entries, map_flags=info.map_flags)
 
 
 def link_info(fd: int) -> LinkInfo:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import mmap
 import os
 import pathlib
 from collections.abc import Iterator
@@ -15,15 +16,22 @@ from dataclasses import dataclass
 
 from ctlb.datapath import libbpf
 
-FRONTENDS = {4: "ctlb_fe4", 6: "ctlb_fe6"}
-BACKENDS = {4: "ctlb_be4", 6: "ctlb_be6"}
+FRONTENDS = {4: "ctlb_fe4_v2", 6: "ctlb_fe6_v2"}  # ARRAY: open-addressed frontend table
+BACKENDS = {4: "ctlb_be4_v2", 6: "ctlb_be6_v2"}  # ARRAY: backend sets as contiguous ranges
 MEMBERS = {4: "ctlb_member4", 6: "ctlb_member6"}
-REVNAT = {4: "ctlb_revnat4", 6: "ctlb_revnat6"}
+SOCKETS = {4: "ctlb_sock4", 6: "ctlb_sock6"}  # ARRAY: per-socket reverse NAT, written by the programs
+REVNAT = {4: "ctlb_revnat4", 6: "ctlb_revnat6"}  # LRU: per-socket reverse NAT that spilled
 AFFINITY = {4: "ctlb_aff4", 6: "ctlb_aff6"}
 
 ALL_MAPS: tuple[str, ...] = (
-    *FRONTENDS.values(), *BACKENDS.values(), *MEMBERS.values(), *REVNAT.values(), *AFFINITY.values(),
+    *FRONTENDS.values(), *BACKENDS.values(), *MEMBERS.values(), *SOCKETS.values(), *REVNAT.values(),
+    *AFFINITY.values(),
 )
+ARRAYS = frozenset((*FRONTENDS.values(), *BACKENDS.values(), *SOCKETS.values()))
+
+# Pins of earlier layouts. No program of this version reads them: they are removed once this
+# version's programs are attached, and by uninstall.
+LEGACY_MAPS: tuple[str, ...] = ("ctlb_fe4", "ctlb_fe6", "ctlb_be4", "ctlb_be6")
 
 
 def bpf_source_dir() -> pathlib.Path:
@@ -79,6 +87,7 @@ class PinnedMap:
                 "run `ctlb uninstall` to remove the old datapath",
             )
         self.max_entries = info.max_entries
+        self.map_flags = info.map_flags
 
     def get(self, key: ct.Structure) -> ct.Structure | None:
         leaf = self.layout.leaf()
@@ -104,6 +113,18 @@ class PinnedMap:
             leaf = self.get(key)
             if leaf is not None:  # deleted by a program meanwhile (LRU eviction)
                 yield key, leaf
+
+    def read_all(self) -> ct.Array:
+        """Every element of an ARRAY map, in index order: one copy of an mmap-able array's
+        values, else BPF_MAP_LOOKUP_BATCH."""
+        leaf = self.layout.leaf
+        size = ct.sizeof(leaf) * self.max_entries
+        # An mmap-able array's values start page-aligned, each value_size rounded up to 8.
+        if self.map_flags & libbpf.BPF_F_MMAPABLE and ct.sizeof(leaf) % 8 == 0:
+            length = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+            with mmap.mmap(self.fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as mapped:
+                return (leaf * self.max_entries).from_buffer_copy(mapped)
+        return libbpf.array_read_all(self.fd, leaf, self.max_entries)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -54,10 +54,35 @@ HOOKS: tuple[Hook, ...] = (
 
 @dataclass(frozen=True, slots=True)
 class MapSizes:
-    frontends: int = 65536
-    backends: int = 524288
-    revnat: int = 262144
+    frontends: int = 65536  # per family; the frontend tables have twice as many slots
+    backends: int = 524288  # backend slots per family
+    revnat: int = 262144  # per-socket reverse-NAT slots per family (rounded up to a power of two)
     affinity: int = 131072
+
+    @property
+    def frontend_slots(self) -> int:
+        return 2 * self.frontends
+
+    @property
+    def sock_slots(self) -> int:
+        return 1 << max(self.revnat - 1, 1).bit_length()
+
+    @property
+    def revnat_spill(self) -> int:
+        """Entries of the LRU that takes the peers a socket's slot has no room for: rare."""
+        return max(self.revnat // 8, 1024)
+
+    def map_entries(self, name: str) -> int:
+        """max_entries these sizes give the map `name`."""
+        if name in maps.FRONTENDS.values():
+            return self.frontend_slots
+        if name in maps.BACKENDS.values() or name in maps.MEMBERS.values():
+            return self.backends
+        if name in maps.SOCKETS.values():
+            return self.sock_slots
+        if name in maps.REVNAT.values():
+            return self.revnat_spill
+        return self.affinity
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +115,27 @@ def _on_bpffs(path: pathlib.Path) -> bool:
     return fstype == "bpf"
 
 
+def sizes_of_pins(bpffs: pathlib.Path, sizes: MapSizes) -> MapSizes:
+    """`sizes`, with the table sizes the programs compute with taken from the pinned maps if
+    they exist: the programs compute home slots from the frontend table size and socket slots
+    from the socket table size, which must be those of the maps they open."""
+    found: dict[str, int] = {}
+    for name in (maps.FRONTENDS[4], maps.SOCKETS[4]):
+        try:
+            fd = libbpf.obj_get(str(bpffs / name))
+        except libbpf.BpfError as exc:
+            if exc.errno == errno.ENOENT:
+                continue
+            raise
+        try:
+            found[name] = libbpf.map_info(fd).max_entries
+        finally:
+            os.close(fd)
+    frontends = found[maps.FRONTENDS[4]] // 2 if maps.FRONTENDS[4] in found else sizes.frontends
+    revnat = found.get(maps.SOCKETS[4], sizes.revnat)
+    return MapSizes(frontends=frontends, backends=sizes.backends, revnat=revnat, affinity=sizes.affinity)
+
+
 def compile_and_load(bpffs: pathlib.Path, sizes: MapSizes) -> tuple[object, dict[str, int]]:
     """Compiles bpf/sock.c, opening (or creating and pinning) its maps in `bpffs`.
 
@@ -104,7 +150,8 @@ def compile_and_load(bpffs: pathlib.Path, sizes: MapSizes) -> tuple[object, dict
         f'-DCTLB_PIN_DIR="{bpffs}"',
         f"-DCTLB_FRONTENDS_MAX={sizes.frontends}",
         f"-DCTLB_BACKENDS_MAX={sizes.backends}",
-        f"-DCTLB_REVNAT_MAX={sizes.revnat}",
+        f"-DCTLB_SOCK_SLOTS={sizes.sock_slots}",
+        f"-DCTLB_REVNAT_MAX={sizes.revnat_spill}",
         f"-DCTLB_AFFINITY_MAX={sizes.affinity}",
         "-w",
     ]
@@ -176,6 +223,19 @@ def attachments(bpffs: pathlib.Path) -> list[Attachment]:
     return found
 
 
+def remove_legacy_maps(bpffs: pathlib.Path) -> list[str]:
+    """Removes the pins of earlier map layouts, once no attached program uses them."""
+    removed = []
+    for name in maps.LEGACY_MAPS:
+        pin = bpffs / name
+        if pin.exists():
+            pin.unlink()
+            removed.append(name)
+    if removed:
+        log.info("legacy_maps_removed", maps=removed)
+    return removed
+
+
 def uninstall(bpffs: pathlib.Path) -> list[str]:
     """Detaches every program and removes every pin under `bpffs`. Returns what it removed."""
     removed: list[str] = []
@@ -193,7 +253,7 @@ def uninstall(bpffs: pathlib.Path) -> list[str]:
     if bpffs.is_dir():
         for entry in sorted(bpffs.iterdir()):
             # Only ctlb's own pins: the folder may be shared with other tools.
-            if entry.name in maps.ALL_MAPS:
+            if entry.name in maps.ALL_MAPS or entry.name in maps.LEGACY_MAPS:
                 entry.unlink()
                 removed.append(entry.name)
         if not any(bpffs.iterdir()):

@@ -1,9 +1,10 @@
 """Brings the load-balancing maps to the desired state, writing only the difference.
 
-Make before break: a backend set is written in full under a fresh set id before any frontend
-points at it, frontends flip with one map update each, and the old set is deleted only after no
-frontend refers to it. Whatever does not fit (a full map) is reported by service port and left
-as it was, so nothing already programmed is lost.
+Make before break: a backend set is written in full, in a free range of the backend table and
+under a fresh set id, before any frontend points at it; frontends flip with one table update
+each, and the old set is cleared and its range freed only after no frontend refers to it.
+Whatever does not fit (a full table) is reported by service port and left as it was, so nothing
+already programmed is lost.
 
 The reconciler keeps a shadow of what it programmed; it reads the maps once, at adoption, so a
 restarted agent takes over what the last one left without rewriting it.
@@ -11,9 +12,10 @@ restarted agent takes over what the last one left without rewriting it.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -33,7 +35,8 @@ class Programmed:
 
     frontends: dict[desired.Frontend, tables.FrontendValue] = field(default_factory=dict)
     sets: dict[tuple[int, int], tuple[desired.Backend, ...]] = field(default_factory=dict)  # (family, set id)
-    slots: Counter[int] = field(default_factory=Counter)  # backend-map entries per family, incl. partial sets
+    starts: dict[tuple[int, int], int] = field(default_factory=dict)  # (family, set id) -> first slot
+    slots: Counter[int] = field(default_factory=Counter)  # used backend slots per family, incl. stray ones
     members: set[tables.MemberKey] = field(default_factory=set)
 
     def frontend_count(self, fam: int) -> int:
@@ -51,20 +54,78 @@ class Outcome:
 
 
 def read_programmed(family_tables: Mapping[int, tables.FamilyTables]) -> Programmed:
-    """Reads what the maps hold. Sets with a missing slot (a writer died half way) are dropped
-    from the view, so the next reconcile treats them as garbage."""
+    """Reads what the maps hold. A set is what a frontend points at, when every slot of its range
+    carries its id; slots no such set covers (a writer died half way) are left out of the view,
+    so the next reconcile clears them."""
     prog = Programmed()
     for fam, t in family_tables.items():
-        prog.frontends.update(t.frontends.items())
-        slots: dict[int, dict[int, desired.Backend]] = defaultdict(dict)
-        for key, backend in t.backends.items():
-            slots[key.set_id][key.slot] = backend
-            prog.slots[fam] += 1
-        for set_id, by_slot in slots.items():
-            if sorted(by_slot) == list(range(len(by_slot))):
-                prog.sets[(fam, set_id)] = tuple(by_slot[i] for i in range(len(by_slot)))
+        frontends = dict(t.frontends.items())
+        prog.frontends.update(frontends)
+        slots = dict(t.backends.items())
+        prog.slots[fam] = len(slots)
+        for value in frontends.values():
+            if not value.count or (fam, value.set_id) in prog.sets:
+                continue
+            found = [slots.get(value.start + i) for i in range(value.count)]
+            if all(s is not None and s.set_id == value.set_id for s in found):
+                prog.sets[(fam, value.set_id)] = tuple(s.backend for s in found)  # type: ignore[union-attr]
+                prog.starts[(fam, value.set_id)] = value.start
         prog.members.update(key for key, _ in t.members.items())
     return prog
+
+
+class Ranges:
+    """The free ranges of a backend table: best fit, so sets of one size reuse each other's
+    ranges, and a freed range merges with its free neighbours."""
+
+    def __init__(self, capacity: int, used: Iterable[tuple[int, int]] = ()) -> None:
+        self.capacity = capacity
+        self._starts: list[int] = []  # sorted starts of the free ranges
+        self._length: dict[int, int] = {}
+        at = 0
+        for start, n in sorted(used):
+            if start > at:
+                self._add(at, start - at)
+            at = max(at, start + n)
+        if at < capacity:
+            self._add(at, capacity - at)
+
+    def free_slots(self) -> int:
+        return sum(self._length.values())
+
+    def allocate(self, n: int) -> int | None:
+        """The start of a free range of n slots, now taken; None if no free range is that long."""
+        best = None
+        for start in self._starts:
+            length = self._length[start]
+            if length >= n and (best is None or length < self._length[best]):
+                best = start
+                if length == n:
+                    break
+        if best is None:
+            return None
+        length = self._remove(best)
+        if length > n:
+            self._add(best + n, length - n)
+        return best
+
+    def free(self, start: int, n: int) -> None:
+        i = bisect.bisect_left(self._starts, start)
+        if i < len(self._starts) and self._starts[i] == start + n:  # merge with the next
+            n += self._remove(start + n)
+        if i > 0:
+            prev = self._starts[i - 1]
+            if prev + self._length[prev] == start:  # merge with the previous
+                start, n = prev, self._remove(prev) + n
+        self._add(start, n)
+
+    def _add(self, start: int, n: int) -> None:
+        bisect.insort(self._starts, start)
+        self._length[start] = n
+
+    def _remove(self, start: int) -> int:
+        self._starts.pop(bisect.bisect_left(self._starts, start))
+        return self._length.pop(start)
 
 
 def datapath_view(frontends: Mapping[desired.Frontend, tables.FrontendValue],
@@ -136,6 +197,10 @@ class Reconciler:
         self._set_refs: Counter[tuple[int, int]] = Counter(
             (fe.address.version, v.set_id) for fe, v in self.programmed.frontends.items())
         self._unref_candidates: set[tuple[int, int]] = set(self.programmed.sets)
+        self._ranges = {fam: Ranges(t.backends.max_entries,
+                                    [(self.programmed.starts[(f, set_id)], len(backends))
+                                     for (f, set_id), backends in self.programmed.sets.items() if f == fam])
+                        for fam, t in family_tables.items()}
         # Entries per family in the maps only user space writes, for capacity checks in O(1).
         self._fe_count = Counter({fam: self.programmed.frontend_count(fam) for fam in family_tables})
         self._member_count = Counter({fam: self.programmed.member_count(fam) for fam in family_tables})
@@ -278,20 +343,22 @@ class Reconciler:
     def _program_group(self, fam: int, svc_id: int, sp: desired.ServicePortState, *,
                        backends: tuple[desired.Backend, ...], frontends: tuple[desired.Frontend, ...]) -> None:
         """Points `frontends` (of one service port) at a set holding `backends`."""
-        set_id = self._ensure_set(fam, backends, frontends)
+        set_id, start = self._ensure_set(fam, backends, frontends)
         if sp.affinity_timeout is not None:
             self._ensure_members(fam, svc_id, backends)
         value = tables.FrontendValue(
             svc_id=svc_id, set_id=set_id, count=len(backends),
             affinity_timeout=sp.affinity_timeout or 0,
             flags=tables.LB_F_AFFINITY if sp.affinity_timeout is not None else 0,
+            start=start,
         )
         self._write_frontends(fam, frontends, value)
 
     def _write_frontends(self, fam: int, frontends: tuple[desired.Frontend, ...], value: tables.FrontendValue) -> None:
         table = self._tables[fam].frontends
         new = [fe for fe in frontends if fe not in self.programmed.frontends]
-        if self._fe_count[fam] + len(new) > table.max_entries:
+        # Checked before the first write, so a frontend group is programmed whole or not at all.
+        if self._fe_count[fam] + len(new) > table.max_entries or not table.room_for(new):
             raise errors.MapFull(table.name, table.max_entries)
         for fe in sorted(frontends):
             old = self.programmed.frontends.get(fe)
@@ -309,65 +376,77 @@ class Reconciler:
     # --- backend sets -------------------------------------------------------------------------
 
     def _ensure_set(self, fam: int, backends: tuple[desired.Backend, ...],
-                    frontends: tuple[desired.Frontend, ...]) -> int:
-        """The id of a complete set holding exactly `backends`, written if need be."""
+                    frontends: tuple[desired.Frontend, ...]) -> tuple[int, int]:
+        """The id and first slot of a complete set holding exactly `backends`, written into a
+        free range if need be."""
         if not backends:
-            return 0
+            return 0, 0
         for fe in frontends:
             current = self.programmed.frontends.get(fe)
             if current is not None and self.programmed.sets.get((fam, current.set_id)) == backends:
-                return current.set_id
+                return current.set_id, self.programmed.starts[(fam, current.set_id)]
         table = self._tables[fam].backends
-        if self.programmed.slots[fam] + len(backends) > table.max_entries:
+        n = len(backends)
+        start = self._ranges[fam].allocate(n)
+        if start is None:
             self._unref_candidates.update(self.programmed.sets)  # under pressure, look at all
             self._collect_unreferenced_sets()
-            if self.programmed.slots[fam] + len(backends) > table.max_entries:
+            start = self._ranges[fam].allocate(n)
+            if start is None:
                 raise errors.MapFull(table.name, table.max_entries)
         set_id = self._allocate_set_id()
         written = 0
         try:
-            for slot, backend in enumerate(backends):
-                table.put(tables.SlotKey(fam, set_id, slot), backend)
+            for i, backend in enumerate(backends):
+                table.put(start + i, tables.BackendSlot(set_id, backend))
                 written += 1
         except errors.MapFull:
-            for slot in range(written):
-                table.delete(tables.SlotKey(fam, set_id, slot))
+            for i in range(written):
+                table.delete(start + i)
+            self._ranges[fam].free(start, n)
             raise
         finally:
             self._writes += written
         self.programmed.slots[fam] += written
         self.programmed.sets[(fam, set_id)] = backends
+        self.programmed.starts[(fam, set_id)] = start
         self._unref_candidates.add((fam, set_id))  # collected if no frontend ends up using it
-        return set_id
+        return set_id, start
 
     def _collect_unreferenced_sets(self) -> None:
         if self._first_pass:
             for fam in self._tables:
-                if self._has_partial_sets(fam):
-                    self._delete_partial_sets(fam)
+                if self._has_stray_slots(fam):
+                    self._clear_stray_slots(fam)
         candidates, self._unref_candidates = self._unref_candidates, set()
         for fam, set_id in candidates:
             backends = self.programmed.sets.get((fam, set_id))
             if backends is None or self._set_refs[(fam, set_id)] > 0:
                 continue
-            for slot in range(len(backends)):
-                self._tables[fam].backends.delete(tables.SlotKey(fam, set_id, slot))
+            start = self.programmed.starts.pop((fam, set_id))
+            for i in range(len(backends)):
+                self._tables[fam].backends.delete(start + i)
+            self._ranges[fam].free(start, len(backends))
             self._deletes += len(backends)
             self.programmed.slots[fam] -= len(backends)
             del self.programmed.sets[(fam, set_id)]
 
-    def _has_partial_sets(self, fam: int) -> bool:
+    def _has_stray_slots(self, fam: int) -> bool:
         complete = sum(len(b) for (f, _), b in self.programmed.sets.items() if f == fam)
         return self.programmed.slots[fam] != complete
 
-    def _delete_partial_sets(self, fam: int) -> None:
-        """Slots of sets a writer left half done (it died mid-write): no frontend uses them."""
+    def _clear_stray_slots(self, fam: int) -> None:
+        """Slots no complete set covers: left by a writer that died mid-write, or by a set whose
+        frontends are gone. No frontend can use them."""
+        covered = {self.programmed.starts[(f, set_id)] + i
+                   for (f, set_id), backends in self.programmed.sets.items() if f == fam
+                   for i in range(len(backends))}
         table = self._tables[fam].backends
-        for key, _ in table.items():
-            if (fam, key.set_id) not in self.programmed.sets:
-                table.delete(key)
-                self.programmed.slots[fam] -= 1
+        for idx, _ in table.items():
+            if idx not in covered:
+                table.delete(idx)
                 self._deletes += 1
+        self.programmed.slots[fam] = len(covered)
 
     # --- affinity members ---------------------------------------------------------------------
 

@@ -3,6 +3,13 @@
 The reconciler speaks in `desired` values (Frontend, Backend) and the small records below; the
 kernel tables encode them into the bcc-generated structs of one address family each. A unit test
 may hand the reconciler `MemoryTable`s instead; what the kernel does is proven in kernel tests.
+
+Two of the kernel tables are more than a map seen through a codec (see bpf/ctlb.h for why):
+
+- `KernelFrontendTable` keeps an open-addressed hash table in an ARRAY map, probed exactly as
+  bpf/sock.c probes it, and writes each slot in the steps that let a program read it meanwhile.
+- `KernelBackendTable` is an ARRAY map indexed by slot; the reconciler places each backend set
+  in a contiguous range of it.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import errno
 import ipaddress
 import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -26,8 +33,12 @@ PROTO_NUMBERS = {model.Protocol.TCP: socket.IPPROTO_TCP, model.Protocol.UDP: soc
                  model.Protocol.SCTP: socket.IPPROTO_SCTP}
 PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
 
-# enum lb_flags in bpf/ctlb.h
-LB_F_AFFINITY = 1 << 0
+# Copies of bpf/ctlb.h constants (tests/unit/test_header_copies.py compares them with the header).
+LB_F_AFFINITY = 1 << 0  # enum lb_flags
+SLOT_EMPTY, SLOT_USED, SLOT_TOMB = 0, 1, 2  # enum lb_slot_state
+FE_PROBES = 16  # CTLB_FE_PROBES
+
+_U64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,13 +48,15 @@ class FrontendValue:
     count: int
     affinity_timeout: int = 0
     flags: int = 0
+    start: int = 0  # the set's first slot in the backend table
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class SlotKey:
-    family: int  # 4 or 6: which backend map holds the slot
+@dataclass(frozen=True, slots=True)
+class BackendSlot:
+    """One slot of the backend table: a backend of the set `set_id`."""
+
     set_id: int
-    slot: int
+    backend: desired.Backend
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -60,6 +73,50 @@ class Table(Protocol[K, V]):
     def put(self, key: K, value: V) -> None: ...
     def delete(self, key: K) -> bool: ...
     def items(self) -> Iterator[tuple[K, V]]: ...
+
+
+class FrontendTable(Table[desired.Frontend, FrontendValue], Protocol):
+    def room_for(self, frontends: Iterable[desired.Frontend]) -> bool:
+        """Whether all of `frontends` not in the table yet can be added."""
+        ...
+
+
+class ArrayMap(Protocol):
+    """An ARRAY map as `maps.PinnedMap` exposes it (a unit test may pass a stand-in)."""
+
+    name: str
+    max_entries: int
+    layout: maps.Layout
+
+    def get(self, key: ct.Structure | ct._SimpleCData) -> ct.Structure | None: ...
+    def put(self, key: ct.Structure | ct._SimpleCData, leaf: ct.Structure) -> None: ...
+    def read_all(self) -> ct.Array: ...
+
+
+def mix64(x: int) -> int:
+    """ctlb_mix64 in bpf/sock.c (murmur3's finaliser)."""
+    x &= _U64
+    x ^= x >> 33
+    x = (x * 0xFF51AFD7ED558CCD) & _U64
+    x ^= x >> 33
+    x = (x * 0xC4CEB9FE1A85EC53) & _U64
+    x ^= x >> 33
+    return x
+
+
+def scale32(hash_: int, n: int) -> int:
+    """scale32 in bpf/sock.c: 32 bits of a hash onto [0, n)."""
+    return ((hash_ & 0xFFFFFFFF) * n) >> 32
+
+
+def key_hash(key_bytes: bytes) -> int:
+    """The hash bpf/sock.c computes from a frontend key's bytes (state USED)."""
+    if len(key_bytes) == 8:
+        return mix64(int.from_bytes(key_bytes, "little"))
+    w0 = int.from_bytes(key_bytes[0:8], "little")
+    w1 = int.from_bytes(key_bytes[8:16], "little")
+    w2 = int.from_bytes(key_bytes[16:20], "little")
+    return mix64(w0 ^ mix64(w1 ^ mix64(w2)))
 
 
 def _be32(packed: bytes) -> int:
@@ -90,8 +147,13 @@ def _get_addr(struct: ct.Structure, family: int) -> model.IPAddress:
     return ipaddress.IPv6Address(raw)
 
 
+def _map_full(table: str, max_entries: int, exc: libbpf.BpfError) -> errors.MapFull | libbpf.BpfError:
+    # E2BIG: a hash at max_entries, or an index past an array's end; ENOMEM: no memory left.
+    return errors.MapFull(table, max_entries) if exc.errno in (errno.E2BIG, errno.ENOMEM) else exc
+
+
 class KernelTable(Generic[K, V]):
-    """A PinnedMap of one family seen through an encoder/decoder pair."""
+    """A PinnedMap (a hash) of one family seen through an encoder/decoder pair."""
 
     def __init__(self, pinned: maps.PinnedMap, *, encode_key: Callable[[K, ct.Structure], None],
                  decode_key: Callable[[ct.Structure], K], encode_value: Callable[[V, ct.Structure], None],
@@ -119,9 +181,7 @@ class KernelTable(Generic[K, V]):
         try:
             self.pinned.put(self._key(key), raw)
         except libbpf.BpfError as exc:
-            if exc.errno in (errno.E2BIG, errno.ENOMEM):  # the map is at max_entries
-                raise errors.MapFull(self.name, self.max_entries) from exc
-            raise
+            raise _map_full(self.name, self.max_entries, exc) from exc
 
     def delete(self, key: K) -> bool:
         return self.pinned.delete(self._key(key))
@@ -153,13 +213,16 @@ class MemoryTable(Generic[K, V]):
     def items(self) -> Iterator[tuple[K, V]]:
         return iter(list(self.data.items()))
 
+    def room_for(self, keys: Iterable[K]) -> bool:
+        return len(self.data) + len({k for k in keys if k not in self.data}) <= self.max_entries
+
 
 @dataclass(slots=True)
 class FamilyTables:
     """The three tables the reconciler writes, for one address family."""
 
-    frontends: Table[desired.Frontend, FrontendValue]
-    backends: Table[SlotKey, desired.Backend]
+    frontends: FrontendTable
+    backends: Table[int, BackendSlot]  # slot index -> the set it belongs to and its backend
     members: Table[MemberKey, bool]
 
 
@@ -174,42 +237,242 @@ def memory_tables(*, frontends_max: int = 1 << 16, backends_max: int = 1 << 19) 
     }
 
 
-def _frontend_codec(family: int) -> dict[str, Callable]:
-    def encode_key(fe: desired.Frontend, raw: ct.Structure) -> None:
-        _put_addr(raw, fe.address)
-        raw.port = _be16(fe.port)
-        raw.proto = PROTO_NUMBERS[fe.protocol]
-
-    def decode_key(raw: ct.Structure) -> desired.Frontend:
-        return desired.Frontend(_get_addr(raw, family), _from_be16(raw.port), PROTO_NAMES[raw.proto])
-
-    def encode_value(v: FrontendValue, raw: ct.Structure) -> None:
-        raw.svc_id, raw.set_id, raw.count = v.svc_id, v.set_id, v.count
-        raw.affinity_timeout, raw.flags = v.affinity_timeout, v.flags
-
-    def decode_value(raw: ct.Structure) -> FrontendValue:
-        return FrontendValue(raw.svc_id, raw.set_id, raw.count, raw.affinity_timeout, raw.flags)
-
-    return dict(encode_key=encode_key, decode_key=decode_key, encode_value=encode_value,
-                decode_value=decode_value)
+# --- frontends: an open-addressed table in an array ----------------------------------------------
 
 
-def _backend_codec(family: int) -> dict[str, Callable]:
-    def encode_key(key: SlotKey, raw: ct.Structure) -> None:
-        raw.set_id, raw.slot = key.set_id, key.slot
+def _encode_fe_key(raw: ct.Structure, fe: desired.Frontend, state: int) -> None:
+    _put_addr(raw, fe.address)
+    raw.port = _be16(fe.port)
+    raw.proto = PROTO_NUMBERS[fe.protocol]
+    raw.state = state
 
-    def decode_key(raw: ct.Structure) -> SlotKey:
-        return SlotKey(family, raw.set_id, raw.slot)
 
-    def encode_value(be: desired.Backend, raw: ct.Structure) -> None:
-        _put_addr(raw, be.address)
-        raw.port = _be16(be.port)
+def _decode_fe_key(raw: ct.Structure, family: int) -> desired.Frontend:
+    return desired.Frontend(_get_addr(raw, family), _from_be16(raw.port), PROTO_NAMES[raw.proto])
 
-    def decode_value(raw: ct.Structure) -> desired.Backend:
-        return desired.Backend(_get_addr(raw, family), _from_be16(raw.port))
 
-    return dict(encode_key=encode_key, decode_key=decode_key, encode_value=encode_value,
-                decode_value=decode_value)
+def _encode_fe_value(v: FrontendValue, raw: ct.Structure) -> None:
+    raw.svc_id, raw.set_id, raw.set_start, raw.count = v.svc_id, v.set_id, v.start, v.count
+    raw.affinity_timeout, raw.flags = v.affinity_timeout, v.flags
+
+
+def _decode_fe_value(raw: ct.Structure) -> FrontendValue:
+    return FrontendValue(raw.svc_id, raw.set_id, raw.count, raw.affinity_timeout, raw.flags, raw.set_start)
+
+
+def _copy(raw: ct.Structure) -> ct.Structure:
+    return type(raw).from_buffer_copy(raw)
+
+
+def field_bytes(leaf: type, *path: str) -> tuple[int, int]:
+    """Offset and size of a (nested) field in a ctypes structure type."""
+    offset, typ = 0, leaf
+    for name in path:
+        field = getattr(typ, name)
+        offset += field.offset
+        typ = dict(typ._fields_)[name]
+    return offset, ct.sizeof(typ)
+
+
+class KernelFrontendTable:
+    """Frontends in an ARRAY map laid out as an open-addressed hash table (bpf/ctlb.h).
+
+    A frontend sits in the first non-USED slot at most FE_PROBES slots after its home slot, so
+    a lookup that meets an EMPTY slot or has probed FE_PROBES slots can stop. The table holds at
+    most half as many frontends as it has slots. Every slot is written in the steps the header
+    describes; this class keeps the image of each slot it wrote, so an update rewrites the bytes
+    it does not mean to change with what they already hold.
+    """
+
+    def __init__(self, array: ArrayMap, family: int) -> None:
+        self.array = array
+        self.name = array.name
+        self.family = family
+        self.slots = array.max_entries
+        self.max_entries = self.slots // 2
+        self._leaf = array.layout.leaf
+        self._image: dict[int, ct.Structure] = {}  # every slot that is not EMPTY
+        self._where: dict[desired.Frontend, int] = {}
+        self._state = bytearray(self.slots)
+        self._load()
+
+    def _load(self) -> None:
+        everything = self.array.read_all()
+        size = ct.sizeof(self._leaf)
+        state_at, _ = field_bytes(self._leaf, "key", "state")
+        states = memoryview(everything).cast("B")[state_at::size]
+        for idx, state in enumerate(states):
+            if state == SLOT_EMPTY:
+                continue
+            raw = self._leaf.from_buffer_copy(everything, idx * size)
+            self._state[idx] = state
+            self._image[idx] = raw
+            if state == SLOT_USED:
+                self._where[_decode_fe_key(raw.key, self.family)] = idx
+
+    # --- probing ------------------------------------------------------------------------------
+
+    def home(self, fe: desired.Frontend) -> int:
+        raw = self._leaf()
+        _encode_fe_key(raw.key, fe, SLOT_USED)
+        return scale32(key_hash(bytes(raw.key)), self.slots)
+
+    def _window(self, fe: desired.Frontend) -> Iterator[int]:
+        home = self.home(fe)
+        for i in range(min(FE_PROBES, self.slots)):
+            yield (home + i) % self.slots
+
+    def _free_slot(self, fe: desired.Frontend, taken: Collection[int] = ()) -> int | None:
+        for idx in self._window(fe):
+            if self._state[idx] != SLOT_USED and idx not in taken:
+                return idx
+        return None
+
+    def room_for(self, frontends: Iterable[desired.Frontend]) -> bool:
+        new = [fe for fe in dict.fromkeys(frontends) if fe not in self._where]
+        if len(self._where) + len(new) > self.max_entries:
+            return False
+        taken: set[int] = set()
+        for fe in new:
+            idx = self._free_slot(fe, taken)
+            if idx is None:
+                return False
+            taken.add(idx)
+        return True
+
+    def slot_of(self, fe: desired.Frontend) -> int | None:
+        return self._where.get(fe)
+
+    # --- the table API ----------------------------------------------------------------------
+
+    def get(self, fe: desired.Frontend) -> FrontendValue | None:
+        idx = self._where.get(fe)
+        if idx is None:
+            return None
+        raw = self._image[idx]
+        return _decode_fe_value(raw.val[raw.gen & 1])
+
+    def put(self, fe: desired.Frontend, value: FrontendValue) -> None:
+        idx = self._where.get(fe)
+        if idx is not None:
+            self._update(idx, value)
+            return
+        if len(self._where) >= self.max_entries:
+            raise errors.MapFull(self.name, self.max_entries)
+        idx = self._free_slot(fe)
+        if idx is None:  # FE_PROBES slots from its home are all taken
+            raise errors.MapFull(self.name, self.max_entries)
+        self._insert(idx, fe, value)
+
+    def delete(self, fe: desired.Frontend) -> bool:
+        idx = self._where.pop(fe, None)
+        if idx is None:
+            return False
+        raw = _copy(self._image[idx])
+        raw.key.state = SLOT_TOMB
+        self._write(idx, raw)
+        self._trim(idx)
+        return True
+
+    def items(self) -> Iterator[tuple[desired.Frontend, FrontendValue]]:
+        for fe, idx in list(self._where.items()):
+            raw = self._image[idx]
+            yield fe, _decode_fe_value(raw.val[raw.gen & 1])
+
+    # --- the write steps (bpf/ctlb.h, struct lb4_fe_slot) -----------------------------------
+
+    def _insert(self, idx: int, fe: desired.Frontend, value: FrontendValue) -> None:
+        """Key and both values under state TOMB, which no lookup matches; then state USED."""
+        raw = _copy(self._image[idx]) if idx in self._image else self._leaf()
+        _encode_fe_key(raw.key, fe, SLOT_TOMB)
+        _encode_fe_value(value, raw.val[0])
+        _encode_fe_value(value, raw.val[1])
+        self._write(idx, raw)
+        raw = _copy(raw)
+        raw.key.state = SLOT_USED
+        self._write(idx, raw)
+        self._where[fe] = idx
+
+    def _update(self, idx: int, value: FrontendValue) -> None:
+        """The new value into the copy readers do not use, then the flip."""
+        raw = _copy(self._image[idx])
+        if _decode_fe_value(raw.val[raw.gen & 1]) == value:
+            return
+        _encode_fe_value(value, raw.val[(raw.gen + 1) & 1])
+        self._write(idx, raw)
+        raw = _copy(raw)
+        raw.gen = (raw.gen + 1) & 0xFFFFFFFF
+        self._write(idx, raw)
+
+    def _trim(self, idx: int) -> None:
+        """Tombstones that end a chain become EMPTY again, so misses stay short: no key lies
+        beyond an EMPTY slot in its probe sequence, so none lies beyond these either."""
+        if self._state[(idx + 1) % self.slots] != SLOT_EMPTY:
+            return
+        for _ in range(self.slots):
+            if self._state[idx] != SLOT_TOMB:
+                return
+            raw = _copy(self._image[idx])
+            raw.key.state = SLOT_EMPTY
+            self._write(idx, raw)
+            idx = (idx - 1) % self.slots
+
+    def _write(self, idx: int, raw: ct.Structure) -> None:
+        try:
+            self.array.put(ct.c_uint32(idx), raw)
+        except libbpf.BpfError as exc:
+            raise _map_full(self.name, self.max_entries, exc) from exc
+        state = raw.key.state
+        self._state[idx] = state
+        if state == SLOT_EMPTY:
+            self._image.pop(idx, None)
+        else:
+            self._image[idx] = raw
+
+
+# --- backends: slots of an array ---------------------------------------------------------------
+
+
+class KernelBackendTable:
+    """Backend slots in an ARRAY map: index -> (set id, backend); set id 0 is a free slot."""
+
+    def __init__(self, array: ArrayMap, family: int) -> None:
+        self.array = array
+        self.name = array.name
+        self.family = family
+        self.max_entries = array.max_entries
+        self._leaf = array.layout.leaf
+
+    def get(self, idx: int) -> BackendSlot | None:
+        raw = self.array.get(ct.c_uint32(idx))
+        return None if raw is None or raw.set_id == 0 else self._decode(raw)
+
+    def put(self, idx: int, slot: BackendSlot) -> None:
+        raw = self._leaf()
+        _put_addr(raw, slot.backend.address)
+        raw.port = _be16(slot.backend.port)
+        raw.set_id = slot.set_id
+        try:
+            self.array.put(ct.c_uint32(idx), raw)
+        except libbpf.BpfError as exc:
+            raise _map_full(self.name, self.max_entries, exc) from exc
+
+    def delete(self, idx: int) -> bool:
+        self.array.put(ct.c_uint32(idx), self._leaf())
+        return True
+
+    def items(self) -> Iterator[tuple[int, BackendSlot]]:
+        everything = self.array.read_all()
+        size = ct.sizeof(self._leaf)
+        at, width = field_bytes(self._leaf, "set_id")
+        assert width == 4 and at % 4 == 0 and size % 4 == 0
+        set_ids = memoryview(everything).cast("B").cast("I")[at // 4::size // 4]
+        for idx, set_id in enumerate(set_ids):
+            if set_id:
+                yield idx, self._decode(everything[idx])
+
+    def _decode(self, raw: ct.Structure) -> BackendSlot:
+        return BackendSlot(raw.set_id, desired.Backend(_get_addr(raw, self.family), _from_be16(raw.port)))
 
 
 def _member_codec(family: int) -> dict[str, Callable]:
@@ -234,8 +497,8 @@ def _member_codec(family: int) -> dict[str, Callable]:
 def kernel_tables(pinned: dict[str, maps.PinnedMap]) -> dict[int, FamilyTables]:
     return {
         fam: FamilyTables(
-            frontends=KernelTable(pinned[maps.FRONTENDS[fam]], **_frontend_codec(fam)),
-            backends=KernelTable(pinned[maps.BACKENDS[fam]], **_backend_codec(fam)),
+            frontends=KernelFrontendTable(pinned[maps.FRONTENDS[fam]], fam),
+            backends=KernelBackendTable(pinned[maps.BACKENDS[fam]], fam),
             members=KernelTable(pinned[maps.MEMBERS[fam]], **_member_codec(fam)),
         )
         for fam in (4, 6)

@@ -7,6 +7,7 @@ import errno
 import json
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -292,6 +293,209 @@ def test_udp_to_a_service_without_endpoints_fails_and_sends_nothing(cluster: Clu
     assert connected.get("errno") == errno.ECONNREFUSED, connected
 
 
+# --- reverse translation per socket: shared backends, several Services on one socket ------------
+
+ALT_IP = "10.96.0.11"
+ALT_IP6 = "fd00:10:96::11"
+
+_UDP_ASK = textwrap.dedent("""
+    import json, socket
+    asks, family, batch = {asks!r}, socket.{family}, {batch}
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    out = []
+    for i in range(0, len(asks), batch):
+        group = asks[i:i + batch]
+        for host, port in group:
+            s.sendto(json.dumps([host, port]).encode(), (host, port))
+        for _ in group:
+            try:
+                data, src = s.recvfrom(65536)
+                out.append({{**json.loads(data), "reply_from": [src[0], src[1]]}})
+            except OSError as e:
+                out.append({{"errno": e.errno}})
+    print(json.dumps(out))
+""")
+
+
+def udp_ask(place, asks: list[tuple[str, int]], *, batch: int = 1) -> list[dict]:
+    """One unconnected UDP socket sends to each (host, port) in turn, `batch` requests in flight
+    at a time; per reply, the echo's JSON and the address it came from."""
+    family = "AF_INET6" if ":" in asks[0][0] else "AF_INET"
+    out = place.python(_UDP_ASK.format(asks=asks, family=family, batch=batch), timeout=30, check=True)
+    return json.loads(out.stdout)
+
+
+def udp_service(name: str, ip: str, pods: list, *, port: int = 53) -> list[dict]:
+    fam6 = ":" in ip
+    return [objects.service(name, cluster_ips=[ip], ports=[{"name": "u", "port": port, "protocol": "UDP"}]),
+            objects.endpoint_slice(name, addresses=[str(p.ipv6 if fam6 else p.ipv4) for p in pods],
+                                   ports=[{"name": "u", "port": 5353, "protocol": "UDP"}])]
+
+
+@pytest.mark.parametrize("ipv6", [False, True], ids=["IPv4", "IPv6"])
+def test_backend_shared_by_two_services_each_tcp_socket_sees_the_address_it_dialled(cluster: Cluster,
+                                                                                     ipv6: bool) -> None:
+    (pod,) = web_backends(cluster, 1, ipv6=ipv6)
+    client = cluster.lab.add_pod("client", ipv6=ipv6)
+    a, b = (CLUSTER_IP6, ALT_IP6) if ipv6 else (CLUSTER_IP, ALT_IP)
+    cluster.write("web", web_service([pod], cluster_ips=(a,)))
+    alt = web_service([pod], cluster_ips=(b,))
+    alt[0]["metadata"]["name"] = "alt"
+    alt[1]["metadata"]["name"] = "alt-abcde"
+    alt[1]["metadata"]["labels"]["kubernetes.io/service-name"] = "alt"
+    cluster.write("alt", alt)
+    cluster.start_agent()
+
+    answers = [(host, http_requests(client, host, 80)[0]) for host in (a, b, a, b)]
+
+    assert all("errno" not in x for _, x in answers), answers
+    assert [x["getpeername"][:2] for _, x in answers] == [[host, 80] for host, _ in answers]
+    assert {x["backend"] for _, x in answers} == {"web0"}
+
+
+@pytest.mark.parametrize("ipv6", [False, True], ids=["IPv4", "IPv6"])
+def test_one_udp_socket_asking_two_services_that_share_a_backend_gets_each_reply_from_the_one_it_asked(
+        cluster: Cluster, ipv6: bool) -> None:
+    pod = cluster.lab.add_pod("echo0", ipv6=ipv6)
+    servers.start_udp(pod, name="echo0", port=5353)
+    client = cluster.lab.add_pod("client", ipv6=ipv6)
+    a, b = (CLUSTER_IP6, ALT_IP6) if ipv6 else (CLUSTER_IP, ALT_IP)
+    cluster.write("a", udp_service("a", a, [pod]))
+    cluster.write("b", udp_service("b", b, [pod]))
+    cluster.start_agent()
+
+    asks = [(a, 53), (b, 53), (b, 53), (a, 53), (a, 53), (b, 53)]
+    replies = udp_ask(client, asks)
+
+    assert [r.get("reply_from") for r in replies] == [[host, port] for host, port in asks]
+
+
+@pytest.mark.parametrize("ipv6", [False, True], ids=["IPv4", "IPv6"])
+def test_one_udp_socket_with_three_services_in_flight_gets_every_reply_from_the_address_it_asked(
+        cluster: Cluster, ipv6: bool) -> None:
+    """A socket's slot holds two peers; the third goes through the spill map."""
+    pods = [cluster.lab.add_pod(f"echo{i}", ipv6=ipv6) for i in range(3)]
+    for i, pod in enumerate(pods):
+        servers.start_udp(pod, name=f"echo{i}", port=5353)
+    client = cluster.lab.add_pod("client", ipv6=ipv6)
+    ips = ["fd00:10:96::21", "fd00:10:96::22", "fd00:10:96::23"] if ipv6 else ["10.96.0.21", "10.96.0.22", "10.96.0.23"]
+    for i, (ip, pod) in enumerate(zip(ips, pods)):
+        cluster.write(f"s{i}", udp_service(f"s{i}", ip, [pod]))
+    cluster.start_agent()
+    served_by = {f"echo{i}": ip for i, ip in enumerate(ips)}
+
+    asks = [(ip, 53) for _ in range(4) for ip in ips]
+    replies = udp_ask(client, asks, batch=3)
+
+    assert all("errno" not in r for r in replies), replies
+    assert [r["reply_from"] for r in replies] == [[served_by[r["backend"]], 53] for r in replies]
+
+
+@pytest.mark.parametrize("ipv6", [False, True], ids=["IPv4", "IPv6"])
+def test_udp_reply_to_an_unconnected_socket_comes_from_the_service_address_in_both_families(
+        cluster: Cluster, ipv6: bool) -> None:
+    pods = [cluster.lab.add_pod(f"echo{i}", ipv6=ipv6) for i in range(2)]
+    for i, pod in enumerate(pods):
+        servers.start_udp(pod, name=f"echo{i}", port=5353)
+    client = cluster.lab.add_pod("client", ipv6=ipv6)
+    ip = CLUSTER_IP6 if ipv6 else CLUSTER_IP
+    cluster.write("echo", udp_service("echo", ip, pods))
+    cluster.start_agent()
+
+    connected = udp_exchange(client, ip, 53, connected=True)
+    unconnected = udp_exchange(client, ip, 53, connected=False)
+
+    assert connected["reply_from"] == [ip, 53] and unconnected["reply_from"] == [ip, 53]
+
+
+_SLOW_UDP_ECHO = textwrap.dedent("""
+    import json, socket, time
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", 5353))
+    print("ready", flush=True)
+    while True:
+        data, peer = s.recvfrom(65536)
+        time.sleep(1.5)
+        s.sendto(json.dumps({"backend": "slow"}).encode(), peer)
+""")
+
+_ASK_TWICE = textwrap.dedent("""
+    import json, socket, sys
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    s.sendto(b"1", ({host!r}, 53))
+    print("sent", flush=True)
+    sys.stdin.readline()
+    s.sendto(b"2", ({host!r}, 53))
+    out = []
+    for _ in range(2):
+        data, src = s.recvfrom(65536)
+        out.append({{**json.loads(data), "reply_from": [src[0], src[1]]}})
+    print(json.dumps(out), flush=True)
+""")
+
+
+def test_reply_in_flight_from_a_backend_that_left_the_set_still_comes_from_the_service_address(
+        cluster: Cluster) -> None:
+    """The socket's second send goes to the new backend; the first one's late reply, from the
+    backend that left, is still translated (its peer moved to the spill map)."""
+    slow, fast = cluster.lab.add_pod("slow"), cluster.lab.add_pod("fast")
+    server = slow.popen([sys.executable, "-c", _SLOW_UDP_ECHO], stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+    servers.start_udp(fast, name="fast", port=5353)
+    client = cluster.lab.add_pod("client")
+    cluster.write("echo", udp_service("echo", CLUSTER_IP, [slow]))
+    cluster.start_agent()
+    asker = client.popen([sys.executable, "-c", _ASK_TWICE.format(host=CLUSTER_IP)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    assert asker.stdout is not None and asker.stdin is not None
+    assert asker.stdout.readline().strip() == "sent"
+
+    st = cluster.state()
+    cluster.write("echo", udp_service("echo", CLUSTER_IP, [fast]))
+    cluster.wait_synced(after=st.syncs)
+    asker.stdin.write("go\n")
+    asker.stdin.flush()
+    replies = json.loads(asker.stdout.readline())
+
+    assert [r["backend"] for r in replies] == ["fast", "slow"]
+    assert [r["reply_from"] for r in replies] == [[CLUSTER_IP, 53]] * 2
+
+
+def test_unconnected_udp_socket_keeps_one_backend_while_the_set_is_unchanged(cluster: Cluster) -> None:
+    """As kube-proxy's conntrack entry keeps a client port on one backend; new sockets spread."""
+    pods = [cluster.lab.add_pod(f"echo{i}") for i in range(3)]
+    for i, pod in enumerate(pods):
+        servers.start_udp(pod, name=f"echo{i}", port=5353)
+    client = cluster.lab.add_pod("client")
+    cluster.write("echo", udp_service("echo", CLUSTER_IP, pods))
+    cluster.start_agent()
+
+    one_socket = udp_ask(client, [(CLUSTER_IP, 53)] * 20)
+    many_sockets = [udp_exchange(client, CLUSTER_IP, 53, connected=False) for _ in range(20)]
+
+    assert len({r["backend"] for r in one_socket}) == 1
+    assert len({r["backend"] for r in many_sockets}) > 1  # all 20 alike: odds 3 * (1/3)^20
+    assert {tuple(r["reply_from"]) for r in one_socket + many_sockets} == {(CLUSTER_IP, 53)}
+
+
+def test_cluster_ip_and_node_port_of_one_service_each_give_back_what_was_dialled(cluster: Cluster) -> None:
+    pods = web_backends(cluster, 1)
+    node_ip = str(cluster.lab.node.ipv4)
+    svc = objects.service("web", cluster_ips=[CLUSTER_IP], type="NodePort",
+                          ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}])
+    cluster.write("web", [svc, objects.endpoint_slice("web", addresses=[str(pods[0].ipv4)], ports=SLICE_HTTP),
+                          objects.node("lab-node", addresses=[node_ip])])
+    cluster.start_agent()
+
+    via_cluster_ip = http_requests(cluster.lab.node, CLUSTER_IP, 80, count=3)
+    via_node_port = http_requests(cluster.lab.node, node_ip, 30080, count=3)
+
+    assert {tuple(a["getpeername"]) for a in via_cluster_ip} == {(CLUSTER_IP, 80)}
+    assert {tuple(a["getpeername"]) for a in via_node_port} == {(node_ip, 30080)}
+
+
 # --- IPv6 and dual-stack --------------------------------------------------------------------------
 
 
@@ -409,6 +613,39 @@ def test_agent_killed_and_restarted_drops_no_connection(cluster: Cluster) -> Non
     assert cluster.state().in_sync
 
 
+def test_upgrade_from_an_earlier_map_layout_swaps_programs_only_once_the_new_maps_are_filled(
+        cluster: Cluster) -> None:
+    """An agent of an earlier layout left programs attached to maps this version does not read.
+    The new agent fills its own maps first, then swaps its programs in: no connection fails, and
+    the earlier layout's pins go."""
+    pods = web_backends(cluster, 2)
+    client = cluster.lab.add_pod("client")
+    cluster.write("web", web_service(pods))
+    cluster.start_agent()
+    assert cluster.kill_agent(9) == -9
+    # The attached programs keep their maps alive through their references, as an earlier
+    # version's would: unpin this version's maps, and leave a pin of the earlier layout.
+    for pin in cluster.bpffs.iterdir():
+        if pin.name.startswith("ctlb_"):
+            pin.unlink()
+    subprocess.run(["bpftool", "map", "create", str(cluster.bpffs / "ctlb_fe4"), "type", "hash", "key", "8",
+                    "value", "24", "entries", "16", "name", "ctlb_fe4"], check=True, capture_output=True)
+    results: list[list[dict]] = []
+    loop = threading.Thread(target=lambda: results.append(http_requests(client, CLUSTER_IP, 80, count=600)))
+    loop.start()
+    time.sleep(0.3)
+
+    cluster.start_agent()
+    loop.join(timeout=120)
+
+    failed = [a for a in results[0] if "errno" in a]
+    assert not failed, f"{len(failed)} of {len(results[0])} connections failed: {failed[:3]}"
+    assert not (cluster.bpffs / "ctlb_fe4").exists()
+    assert any(e.get("event") == "programs_swapped_in" for e in cluster.log_events())
+    assert cluster.ctlb("status").returncode == 0
+    assert http_requests(client, CLUSTER_IP, 80)[0]["getpeername"] == [CLUSTER_IP, 80]
+
+
 def test_bad_objects_are_named_and_good_ones_served(cluster: Cluster) -> None:
     pods = web_backends(cluster, 1)
     client = cluster.lab.add_pod("client")
@@ -462,7 +699,7 @@ def test_full_frontend_map_is_reported_and_the_rest_served(cluster: Cluster) -> 
 
     assert all(a.get("backend") == "web0" for a in served)
     assert [p["object"] for p in problems] == ["Service default/s3"]
-    assert "ctlb_fe4 is full" in problems[0]["reason"]
+    assert "ctlb_fe4_v2 is full" in problems[0]["reason"]
 
 
 # --- CLI and uninstall --------------------------------------------------------------------------
@@ -486,10 +723,10 @@ def test_status_fails_when_the_maps_differ_from_the_source(cluster: Cluster) -> 
     pods = web_backends(cluster, 1)
     cluster.write("web", web_service(pods))
     cluster.start_agent()
-    fe_pin = cluster.bpffs / "ctlb_fe4"
-    key = "0a 60 00 0a 00 50 06 00".split()  # 10.96.0.10, port 80, TCP: struct lb4_key
-    subprocess.run(["bpftool", "map", "delete", "pinned", str(fe_pin), "key", "hex", *key],
-                   check=True, capture_output=True)
+    # The only set starts at slot 0 of the backend table: clear that slot behind the agent's back.
+    be_pin = cluster.bpffs / "ctlb_be4_v2"
+    subprocess.run(["bpftool", "map", "update", "pinned", str(be_pin), "key", "hex", *["00"] * 4,
+                    "value", "hex", *["00"] * 16], check=True, capture_output=True)
 
     status = cluster.ctlb("status", check=False)
 

@@ -20,6 +20,31 @@ def test_frontend_flags_match_enum_lb_flags_in_the_header() -> None:
     assert values == {"LB_F_AFFINITY": tables.LB_F_AFFINITY}
 
 
+def test_slot_states_match_enum_lb_slot_state_in_the_header() -> None:
+    enum = re.search(r"enum lb_slot_state \{(.*?)\};", _header(), re.S)
+    assert enum is not None
+    values = {name: int(v) for name, v in re.findall(r"LB_SLOT_(\w+)\s*=\s*(\d+)", enum[1])}
+    assert values == {"EMPTY": tables.SLOT_EMPTY, "USED": tables.SLOT_USED, "TOMB": tables.SLOT_TOMB}
+
+
+def test_probe_window_matches_ctlb_fe_probes_in_the_header() -> None:
+    found = re.search(r"^#define CTLB_FE_PROBES (\d+)", _header(), re.M)
+    assert found is not None and int(found[1]) == tables.FE_PROBES
+
+
+def test_frontend_hash_matches_ctlb_mix64_in_sock_c() -> None:
+    """Python places frontends where bpf/sock.c looks for them: same shifts, same multipliers."""
+    import inspect
+
+    source = (maps.bpf_source_dir() / "sock.c").read_text()
+    body = re.search(r"__u64 ctlb_mix64\(__u64 x\)\s*\{(.*?)\}", source, re.S)
+    assert body is not None
+    c_steps = re.findall(r"x \^= x >> (\d+)|x \*= (0x[0-9a-fA-F]+)ULL", body[1])
+    py_steps = re.findall(r"x \^= x >> (\d+)|x = \(x \* (0x[0-9a-fA-F]+)\)", inspect.getsource(tables.mix64))
+    assert [(a, b.lower()) for a, b in c_steps] == [(a, b.lower()) for a, b in py_steps]
+    assert len(c_steps) == 5
+
+
 def test_every_map_the_header_declares_is_known_to_python() -> None:
     declared = set(re.findall(r"^CTLB_MAP\([^;]*?,\s*(ctlb_\w+),", _header(), re.M))
     assert declared == set(maps.ALL_MAPS)

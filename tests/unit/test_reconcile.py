@@ -1,12 +1,15 @@
-"""The reconciler's diff: what it writes, in which order, and what it does when a map is full."""
+"""The reconciler's diff: what it writes, in which order, and what it does when a map is full;
+and the tables it writes through: the backend ranges and the open-addressed frontend table."""
 
 from __future__ import annotations
 
+import ctypes as ct
 import ipaddress
+import random
 
 import pytest
 
-from ctlb import desired, model
+from ctlb import desired, errors, model
 from ctlb.datapath import reconcile, tables
 
 TCP = model.Protocol.TCP
@@ -98,34 +101,53 @@ def test_backend_change_keeps_service_id_and_drops_old_set() -> None:
     r.apply(state(sp("web", ["10.96.0.1"], ["10.244.0.3", "10.244.0.4"])))
     after = t[4].frontends.data[fe("10.96.0.1")]
     assert after.svc_id == before.svc_id and after.set_id != before.set_id
-    assert {k.set_id for k in t[4].backends.data} == {after.set_id}
+    assert {s.set_id for s in t[4].backends.data.values()} == {after.set_id}
     assert r.view()["10.96.0.1:80/TCP"]["backends"] == ["10.244.0.3:8080", "10.244.0.4:8080"]
 
 
 def test_frontend_only_ever_points_at_a_complete_set() -> None:
-    """Replays the journal: at every frontend write the set it names is whole, and no slot of a
-    set is deleted while a frontend still points at it."""
+    """Replays the journal: at every frontend write the range it names holds its whole set, and
+    no slot a frontend points at is overwritten or cleared while it does."""
     journal: list = []
     r = reconcile.Reconciler(logging_tables(journal))
     r.apply(state(sp("web", ["10.96.0.1", "10.96.0.2"], ["10.244.0.2", "10.244.0.3"])))
     r.apply(state(sp("web", ["10.96.0.1", "10.96.0.2"], ["10.244.0.4", "10.244.0.5", "10.244.0.6"])))
     r.apply(state(sp("web", ["10.96.0.1"], ["10.244.0.4"])))
-    slots: dict[int, set[int]] = {}
+    r.apply(state(sp("web", ["10.96.0.1"], ["10.244.0.7", "10.244.0.8"]), sp("db", ["10.96.0.3"], ["10.244.0.9"])))
+    slots: dict[int, int] = {}  # slot -> set id
     pointing: dict[desired.Frontend, tables.FrontendValue] = {}
+
+    def in_use(idx: int) -> bool:
+        return any(v.count and v.start <= idx < v.start + v.count for v in pointing.values())
+
     for op, name, key, value in journal:
         if name.startswith("ctlb_be"):
+            assert not in_use(key), f"{op} of slot {key} while a frontend points at it"
             if op == "put":
-                slots.setdefault(key.set_id, set()).add(key.slot)
+                slots[key] = value.set_id
             else:
-                assert all(v.set_id != key.set_id for v in pointing.values()), "deleted a slot in use"
-                slots[key.set_id].discard(key.slot)
+                slots.pop(key, None)
         elif name.startswith("ctlb_fe"):
             if op == "put":
-                assert slots.get(value.set_id, set()) >= set(range(value.count)), "pointed at a partial set"
+                assert all(slots.get(value.start + i) == value.set_id for i in range(value.count)), \
+                    "pointed at a partial set"
                 pointing[key] = value
             else:
                 pointing.pop(key)
 
+
+def test_sets_take_disjoint_ranges_and_freed_ranges_are_reused() -> None:
+    t = tables.memory_tables(backends_max=6)
+    r = reconcile.Reconciler(t)
+    r.apply(state(sp("a", ["10.96.0.1"], ["10.244.0.2", "10.244.0.3"]), sp("b", ["10.96.0.2"], ["10.244.0.4"])))
+    a, b = t[4].frontends.data[fe("10.96.0.1")], t[4].frontends.data[fe("10.96.0.2")]
+    assert {a.start, a.start + 1}.isdisjoint({b.start})
+    # a changes three times in a table of 6 slots: each new set goes where an old one was freed.
+    for backends in (["10.244.0.5", "10.244.0.6"], ["10.244.0.7", "10.244.0.8"], ["10.244.0.2", "10.244.0.9"]):
+        out = r.apply(state(sp("a", ["10.96.0.1"], backends), sp("b", ["10.96.0.2"], ["10.244.0.4"])))
+        assert out.problems == ()
+    assert len(t[4].backends.data) == 3
+    assert r.view()["10.96.0.1:80/TCP"]["backends"] == ["10.244.0.2:8080", "10.244.0.9:8080"]
 
 def test_removed_service_leaves_no_entries() -> None:
     t = tables.memory_tables()
@@ -165,10 +187,23 @@ def test_restarted_reconciler_adopts_ids_and_writes_nothing() -> None:
 
 def test_half_written_set_left_by_a_dead_writer_is_collected() -> None:
     t = tables.memory_tables()
-    t[4].backends.put(tables.SlotKey(4, 77, 1), be("10.244.0.9"))  # slot 0 missing: a crash mid-write
+    t[4].backends.put(5, tables.BackendSlot(77, be("10.244.0.9")))  # no frontend points at it: a crash mid-write
     r = reconcile.Reconciler(t)
     r.apply(state(sp("web", ["10.96.0.1"], ["10.244.0.2"])))
-    assert all(k.set_id != 77 for k in t[4].backends.data)
+    assert all(s.set_id != 77 for s in t[4].backends.data.values())
+    assert r.view() == reconcile.desired_view(state(sp("web", ["10.96.0.1"], ["10.244.0.2"])))
+
+
+def test_frontend_pointing_at_a_set_with_a_foreign_slot_is_rewritten() -> None:
+    t = tables.memory_tables()
+    want = state(sp("web", ["10.96.0.1"], ["10.244.0.2", "10.244.0.3"]))
+    reconcile.Reconciler(t).apply(want)
+    value = t[4].frontends.data[fe("10.96.0.1")]
+    t[4].backends.put(value.start + 1, tables.BackendSlot(value.set_id + 1000, be("10.244.0.9")))
+    r = reconcile.Reconciler(t)
+    assert r.view()["10.96.0.1:80/TCP"]["backends"] == ["<incomplete>"]
+    r.apply(want)
+    assert r.view() == reconcile.desired_view(want)
 
 
 @pytest.mark.parametrize("limit", ["frontends", "backends"], ids=["frontend-map-full", "backend-map-full"])
@@ -229,7 +264,7 @@ def test_incremental_passes_leave_exactly_the_desired_entries(seed: int) -> None
         assert out.problems == ()
         assert r.view() == reconcile.desired_view(want)
         used_sets = {v.set_id for v in t[4].frontends.data.values() if v.count}
-        assert {k.set_id for k in t[4].backends.data} == used_sets, "a set no frontend uses was left"
+        assert {s.set_id for s in t[4].backends.data.values()} == used_sets, "a set no frontend uses was left"
         wanted_members = {(r.svc_ids[s.name], b) for s in current.values() if s.affinity_timeout for b in s.backends}
         assert {(m.svc_id, m.backend) for m in t[4].members.data} == wanted_members
 
@@ -262,3 +297,177 @@ def test_external_frontends_get_their_own_set_when_it_differs() -> None:
     assert r.view() == reconcile.desired_view(joined)
     assert len(r.programmed.sets) == 1, "the external set is freed once both kinds share one"
     assert {m.backend for m in r.programmed.members} == {be("10.244.0.2")}
+
+
+def test_a_full_backend_table_reports_the_service_port_even_when_fragmented() -> None:
+    """Free slots that lie apart cannot take a set: the service port is reported, not split."""
+    t = tables.memory_tables(backends_max=4)
+    r = reconcile.Reconciler(t)
+    r.apply(state(sp("a", ["10.96.0.1"], ["10.244.0.2"]), sp("b", ["10.96.0.2"], ["10.244.0.3"]),
+                  sp("c", ["10.96.0.3"], ["10.244.0.4"]), sp("d", ["10.96.0.4"], ["10.244.0.5"])))
+    out = r.apply(state(sp("b", ["10.96.0.2"], ["10.244.0.3"]), sp("d", ["10.96.0.4"], ["10.244.0.5"]),
+                        sp("e", ["10.96.0.5"], ["10.244.0.6", "10.244.0.7"])))
+    starts = sorted(v.start for v in t[4].frontends.data.values())
+    if starts != [1, 3]:
+        pytest.skip(f"allocator placed sets at {starts}: no fragmentation to test")
+    assert [p.ref for p in out.problems] == ["Service default/e"]
+    assert "full" in out.problems[0].reason
+
+
+# --- backend ranges -------------------------------------------------------------------------------
+
+
+def test_ranges_best_fit_and_merge_on_free() -> None:
+    ranges = reconcile.Ranges(10)
+    a, b, c = ranges.allocate(3), ranges.allocate(2), ranges.allocate(3)
+    assert (a, b, c) == (0, 3, 5)
+    ranges.free(a, 3)
+    assert ranges.allocate(2) == 8, "best fit: the 2-slot hole at the end, not the 3-slot one"
+    assert ranges.allocate(4) is None
+    ranges.free(b, 2)
+    assert ranges.allocate(5) == 0, "freed neighbours merged into one range"
+    assert ranges.free_slots() == 0
+
+
+def test_ranges_from_adopted_sets_leave_only_the_gaps_free() -> None:
+    ranges = reconcile.Ranges(10, [(2, 3), (7, 1)])
+    assert ranges.free_slots() == 6
+    assert sorted(ranges.allocate(n) for n in (2, 2, 2)) == [0, 5, 8]
+
+
+# --- the open-addressed frontend table ------------------------------------------------------------
+
+
+class FakeArray:
+    """An ARRAY map in memory with a journal of element images: (index, before, after)."""
+
+    def __init__(self, name: str, layout, max_entries: int) -> None:
+        self.name = name
+        self.layout = layout
+        self.max_entries = max_entries
+        self.elems = [layout.leaf() for _ in range(max_entries)]
+        self.journal: list[tuple[int, bytes, bytes]] = []
+
+    def get(self, key):
+        return type(self.elems[key.value]).from_buffer_copy(self.elems[key.value])
+
+    def put(self, key, leaf) -> None:
+        before = bytes(self.elems[key.value])
+        self.elems[key.value] = type(leaf).from_buffer_copy(leaf)
+        self.journal.append((key.value, before, bytes(leaf)))
+
+    def read_all(self):
+        out = (self.layout.leaf * self.max_entries)()
+        for i, e in enumerate(self.elems):
+            ct.memmove(ct.byref(out, i * ct.sizeof(e)), ct.byref(e), ct.sizeof(e))
+        return out
+
+
+@pytest.fixture(scope="module")
+def layouts():
+    pytest.importorskip("bcc")
+    from ctlb.datapath import maps
+
+    return maps.compile_layouts()
+
+
+def lookup_like_sock_c(table: tables.KernelFrontendTable, elems: list, frontend: desired.Frontend):
+    """bpf/sock.c's lookup over element images: probe from home, stop at EMPTY, match a USED key,
+    copy val[gen & 1]."""
+    want = table._leaf()
+    tables._encode_fe_key(want.key, frontend, tables.SLOT_USED)
+    idx = table.home(frontend)
+    for _ in range(tables.FE_PROBES):
+        e = elems[idx]
+        if bytes(e.key) == bytes(want.key):
+            return tables._decode_fe_value(e.val[e.gen & 1])
+        if e.key.state == tables.SLOT_EMPTY:
+            return None
+        idx = (idx + 1) % table.slots
+    return None
+
+
+def fev(n: int) -> tables.FrontendValue:
+    return tables.FrontendValue(svc_id=n, set_id=n, count=n % 5, start=n * 7)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_frontend_table_finds_every_key_the_way_sock_c_probes(layouts, family: int) -> None:
+    from ctlb.datapath import maps
+
+    rnd = random.Random(family)
+    array = FakeArray(maps.FRONTENDS[family], layouts[maps.FRONTENDS[family]], 64)
+    table = tables.KernelFrontendTable(array, family)
+    prefix = "10.96.0." if family == 4 else "fd00::"
+    live: dict[desired.Frontend, tables.FrontendValue] = {}
+    for step in range(600):
+        f = fe(f"{prefix}{rnd.randrange(1, 60)}", rnd.choice([53, 80]))
+        if f in live and rnd.random() < 0.4:
+            assert table.delete(f)
+            del live[f]
+        elif f in live or table.room_for([f]):
+            live[f] = fev(step)
+            table.put(f, live[f])
+        for g, v in live.items():
+            assert lookup_like_sock_c(table, array.elems, g) == v
+    assert dict(table.items()) == live
+    again = tables.KernelFrontendTable(array, family)
+    assert dict(again.items()) == live, "a new table (a restarted agent) adopts what is there"
+    assert len(live) <= table.max_entries == 32
+
+
+def test_frontend_table_writes_change_only_what_no_reader_relies_on(layouts) -> None:
+    """Each element write is whole in this stand-in; in the kernel it may tear. A write is safe
+    to tear if the bytes it changes lie in: the inactive value copy, gen alone, or the state
+    byte alone (bpf/ctlb.h). Replaying the journal, every write must be one of those, or the
+    first write of an insert, which happens under a state no lookup matches."""
+    from ctlb.datapath import maps
+
+    layout = layouts[maps.FRONTENDS[4]]
+    array = FakeArray(maps.FRONTENDS[4], layout, 32)
+    table = tables.KernelFrontendTable(array, 4)
+    state_at, _ = tables.field_bytes(layout.leaf, "key", "state")
+    gen_at, gen_size = tables.field_bytes(layout.leaf, "gen")
+    val_at, val_size = tables.field_bytes(layout.leaf, "val")
+    one = val_size // 2
+    for i in range(12):
+        table.put(fe(f"10.96.0.{i}"), fev(i))
+    for i in range(0, 12, 2):
+        table.put(fe(f"10.96.0.{i}"), fev(100 + i))
+    for i in range(0, 12, 3):
+        table.delete(fe(f"10.96.0.{i}"))
+    for i in range(12, 16):
+        table.put(fe(f"10.96.0.{i}"), fev(i))
+    for idx, before, after in array.journal:
+        changed = {b for b in range(len(after)) if before[b] != after[b]}
+        old, new = layout.leaf.from_buffer_copy(before), layout.leaf.from_buffer_copy(after)
+        inactive = val_at + one * ((old.gen + 1) & 1)
+        if changed <= {state_at}:
+            continue  # publish (TOMB -> USED), delete (USED -> TOMB), trim (TOMB -> EMPTY)
+        if changed <= set(range(gen_at, gen_at + gen_size)):
+            assert new.gen == old.gen + 1  # the flip
+            continue
+        if changed <= set(range(inactive, inactive + one)):
+            assert old.key.state == tables.SLOT_USED  # a value update, invisible until the flip
+            continue
+        assert old.key.state != tables.SLOT_USED and new.key.state == tables.SLOT_TOMB, \
+            f"slot {idx}: a write a reader could see half done"
+
+
+def test_frontend_table_reports_full_when_the_probe_window_is_taken(layouts) -> None:
+    from ctlb.datapath import maps
+
+    array = FakeArray(maps.FRONTENDS[4], layouts[maps.FRONTENDS[4]], 4)
+    table = tables.KernelFrontendTable(array, 4)
+    table.put(fe("10.96.0.1"), fev(1))
+    table.put(fe("10.96.0.2"), fev(2))
+    assert not table.room_for([fe("10.96.0.3")])
+    with pytest.raises(errors.MapFull):
+        table.put(fe("10.96.0.3"), fev(3))
+
+
+def test_mix64_is_the_header_s_hash() -> None:
+    """Known values of murmur3's 64-bit finaliser, which bpf/sock.c uses as ctlb_mix64."""
+    assert tables.mix64(0) == 0
+    assert tables.mix64(1) == 0xB456BCFC34C2CB2C
+    assert tables.scale32(0xFFFFFFFF, 10) == 9 and tables.scale32(0, 10) == 0
