@@ -75,7 +75,7 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {label} | " + " | ".join(cell(values(size, m, read)) for m in MODES)
                          + f" | {ratio(med['ctlb'], med['direct'])} | {ratio(med['ctlb'], med['iptables'])}"
                          f" | {ratio(med['ctlb'], med['nftables'])} |")
-        lines += ["", _control_table(size), "", _bpf_table(size), "", _memory_line(size, results["sizes"][0]), ""]
+        lines += ["", _control_table(size), "", _bpf_table(size), "", _memory_line(size), ""]
     return "\n".join(lines)
 
 
@@ -108,18 +108,14 @@ def _bpf_table(size: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _memory_line(size: dict[str, Any], smallest: dict[str, Any]) -> str:
-    """Map bytes as the kernel accounts them; per entry, the growth over the smallest N, since a
-    hash map's bucket array is a fixed cost."""
+def _memory_line(size: dict[str, Any]) -> str:
+    """Map bytes as the kernel accounts them. The frontend and backend tables are preallocated
+    arrays, so their bytes are fixed by the configured sizes; what N changes is the entries used."""
     mem = size.get("memory", {})
     parts = []
-    for name, what in (("ctlb_fe4", "frontend"), ("ctlb_be4", "backend slot")):
-        now = mem.get("maps", {}).get(name, {})
-        base = smallest.get("memory", {}).get("maps", {}).get(name, {})
-        text = f"{name} {now.get('bytes', 0) / 2**20:.1f} MiB for {now.get('entries', 0)} entries"
-        grown = now.get("entries", 0) - base.get("entries", 0)
-        if grown > 0:
-            text += f" ({(now['bytes'] - base['bytes']) / grown:.0f} bytes per {what})"
+    for name, now in sorted(mem.get("maps", {}).items()):
+        entries = now.get("entries", 0)
+        text = f"{name} {(now.get('bytes') or 0) / 2**20:.1f} MiB (preallocated), {entries} entries in use"
         parts.append(text)
     return f"Memory: {'; '.join(parts)}; agent RSS {mem.get('agent_rss_mib', 0):.0f} MiB."
 
