@@ -57,20 +57,23 @@ TCP = model.Protocol.TCP
 UDP = model.Protocol.UDP
 
 
-def cluster_ip(index: int) -> ipaddress.IPv4Address:
-    return ipaddress.IPv4Address("10.96.0.0") + 1 + index
+def cluster_ip(index: int, *, ipv6: bool = False) -> model.IPAddress:
+    base = ipaddress.IPv6Address("fd00:10:96::") if ipv6 else ipaddress.IPv4Address("10.96.0.0")
+    return base + 1 + index
 
 
-def desired_state(n: int, backends: list[ipaddress.IPv4Address], *, node_ip: ipaddress.IPv4Address,
+def desired_state(n: int, backends: list[model.IPAddress], *, node_ip: model.IPAddress,
                   nodeport: bool) -> desired.DesiredState:
     """N Services on the same backend pods; the first also carries 53/UDP."""
+    ipv6 = backends[0].version == 6
+    family = model.IPFamily.IPv6 if ipv6 else model.IPFamily.IPv4
     ports: dict[desired.ServicePortName, desired.ServicePortState] = {}
     for i in range(n):
         for proto, port, target in ((TCP, TCP_PORT, TCP_TARGET), (UDP, UDP_PORT, UDP_TARGET)):
             if proto is UDP and i != 0:
                 continue
-            name = desired.ServicePortName("bench", f"svc-{i}", f"p{port}", proto, model.IPFamily.IPv4)
-            frontends = {desired.Frontend(cluster_ip(i), port, proto): desired.FrontendKind.CLUSTER_IP}
+            name = desired.ServicePortName("bench", f"svc-{i}", f"p{port}", proto, family)
+            frontends = {desired.Frontend(cluster_ip(i, ipv6=ipv6), port, proto): desired.FrontendKind.CLUSTER_IP}
             if nodeport and proto is TCP:
                 frontends[desired.Frontend(node_ip, NODE_PORT_BASE + i, proto)] = desired.FrontendKind.NODE_PORT
             ports[name] = desired.ServicePortState(
@@ -82,11 +85,13 @@ def desired_state(n: int, backends: list[ipaddress.IPv4Address], *, node_ip: ipa
 _PEER_CLIENT = textwrap.dedent("""
     import json, socket, struct, time
     host, port, seconds = {host!r}, {port}, {seconds}
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     linger = struct.pack("ii", 1, 0)
-    done = wrong = 0
+    done = wrong = errors = 0
+    first_errno = None
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        s = socket.socket()
+        s = socket.socket(family)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
         try:
             s.connect((host, port))
@@ -94,9 +99,13 @@ _PEER_CLIENT = textwrap.dedent("""
                 if s.getpeername()[:2] != (host, port):
                     wrong += 1
             done += 1
+        except OSError as e:
+            errors += 1
+            first_errno = first_errno or e.errno
         finally:
             s.close()
-    print(json.dumps({{"connections": done, "getpeername_wrong": wrong}}))
+    print(json.dumps({{"connections": done, "getpeername_wrong": wrong, "errors": errors,
+                      "first_errno": first_errno}}))
 """)
 
 
@@ -113,10 +122,11 @@ def _prog_stats(bpffs: pathlib.Path) -> dict[str, tuple[int, int]]:
 class Rig:
     """The lab node, its pods and servers, and the datapath on the client pod's cgroup."""
 
-    def __init__(self, the_lab: ctlb_lab.Lab, *, n: int, nodeport: bool) -> None:
+    def __init__(self, the_lab: ctlb_lab.Lab, *, n: int, nodeport: bool, ipv6: bool = False) -> None:
         self.lab = the_lab
-        self.backends = [the_lab.add_pod(f"be{i}") for i in range(4)]
-        self.client = the_lab.add_pod("client")
+        self.ipv6 = ipv6
+        self.backends = [the_lab.add_pod(f"be{i}", ipv6=ipv6) for i in range(4)]
+        self.client = the_lab.add_pod("client", ipv6=ipv6)
         loadgen.tune(self.client)
         for pod in self.backends:
             loadgen.start_tcp_server(pod, port=TCP_TARGET, cpu=SERVER_CPU)
@@ -124,12 +134,21 @@ class Rig:
         self.bpffs = pathlib.Path("/sys/fs/bpf") / f"{the_lab.prefix}-cost"
         self.dp = datapath.Datapath.install(bpffs=self.bpffs, cgroup=self.client.pod_cgroup,
                                             sizes=programs.MapSizes())
-        state = desired_state(n, [p.ipv4 for p in self.backends], node_ip=the_lab.node.ipv4, nodeport=nodeport)
+        state = desired_state(n, [self.addr(p) for p in self.backends], node_ip=self.addr(the_lab.node),
+                              nodeport=nodeport)
         started = time.perf_counter()
         outcome = self.dp.apply(state)
         self.program_s = time.perf_counter() - started
         if outcome.problems:
             raise RuntimeError(f"not programmed: {outcome.problems[:3]}")
+
+    def addr(self, place: ctlb_lab.Place) -> model.IPAddress:
+        address = place.ipv6 if self.ipv6 else place.ipv4
+        assert address is not None
+        return address
+
+    def service(self, index: int = 0) -> str:
+        return str(cluster_ip(index, ipv6=self.ipv6))
 
     def close(self) -> None:
         self.dp.close()
@@ -142,7 +161,7 @@ class Rig:
         return {"rate": out["rate"], "errors": out["errors"]}
 
     def udp(self, seconds: float) -> dict[str, Any]:
-        out = loadgen.udp_rr(self.client, host=str(cluster_ip(0)), port=UDP_PORT, seconds=seconds,
+        out = loadgen.udp_rr(self.client, host=self.service(), port=UDP_PORT, seconds=seconds,
                              cpu=CLIENT_CPU, connected=False)
         return {"rate": out["rate"], "errors": out["errors"], "source_mismatch": out.get("source_mismatch")}
 
@@ -152,7 +171,8 @@ class Rig:
 
 def getpeername_loop(place: ctlb_lab.Place, *, host: str, port: int, seconds: float, cpu: int) -> dict[str, Any]:
     """Connects, calls getpeername() four times and closes, in a loop, for `seconds`; returns
-    the connection count and how many getpeername() answers were not (host, port)."""
+    the connection count, how many getpeername() answers were not (host, port), and how many
+    connects failed."""
     code = _PEER_CLIENT.format(host=host, port=port, seconds=seconds)
     run = place.run(["taskset", "-c", str(cpu), sys.executable, "-c", code], timeout=seconds + 30, check=True)
     return json.loads(run.stdout)
@@ -160,20 +180,21 @@ def getpeername_loop(place: ctlb_lab.Place, *, host: str, port: int, seconds: fl
 
 def measure(rig: Rig, phase: str, seconds: float) -> dict[str, Any]:
     """Runs one phase; returns per-program calls and ns/call, and the client's view."""
-    be = str(rig.backends[0].ipv4)
+    be = str(rig.addr(rig.backends[0]))
+    node = str(rig.addr(rig.lab.node))
     before = _prog_stats(rig.bpffs)
     if phase == "crr":
-        seen = rig.crr(seconds, host=str(cluster_ip(0)))
+        seen = rig.crr(seconds, host=rig.service())
     elif phase == "crr-np":
-        seen = rig.crr(seconds, host=str(rig.lab.node.ipv4), port=NODE_PORT_BASE)
+        seen = rig.crr(seconds, host=node, port=NODE_PORT_BASE)
     elif phase == "direct":
         seen = rig.crr(seconds, host=be, port=TCP_TARGET)
     elif phase == "udp":
         seen = rig.udp(seconds)
     elif phase == "peer":
-        seen = rig.peer(seconds, host=str(cluster_ip(0)), port=TCP_PORT)
+        seen = rig.peer(seconds, host=rig.service(), port=TCP_PORT)
     elif phase == "peer-np":
-        seen = rig.peer(seconds, host=str(rig.lab.node.ipv4), port=NODE_PORT_BASE)
+        seen = rig.peer(seconds, host=node, port=NODE_PORT_BASE)
     elif phase == "peer-dir":
         seen = rig.peer(seconds, host=be, port=TCP_TARGET)
     else:
@@ -192,13 +213,17 @@ FOCUS = {"crr": ["connect4"], "crr-np": ["connect4"], "direct": ["connect4"], "u
          "peer": ["getpeer4"], "peer-np": ["getpeer4"], "peer-dir": ["getpeer4"]}
 
 
-def summarize(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def focus(phase: str, *, ipv6: bool) -> list[str]:
+    return [h.replace("4", "6") if ipv6 else h for h in FOCUS[phase]]
+
+
+def summarize(rounds: list[dict[str, Any]], *, ipv6: bool = False) -> list[dict[str, Any]]:
     rows = []
-    for phase, hooks in FOCUS.items():
+    for phase in FOCUS:
         samples = [r[phase] for r in rounds if phase in r]
         if not samples:
             continue
-        for hook in hooks:
+        for hook in focus(phase, ipv6=ipv6):
             values = [s["programs"][hook]["ns_per_call"] for s in samples if hook in s["programs"]]
             calls = [s["programs"][hook]["calls"] for s in samples if hook in s["programs"]]
             if not values:
@@ -225,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="seconds per phase")
     ap.add_argument("--warmup", type=float, default=15.0, help="seconds of connection churn first")
     ap.add_argument("--nodeport", action="store_true", help="each Service also gets a node-address frontend")
+    ap.add_argument("--ipv6", action="store_true", help="IPv6 Services, pods and clients (the *6 programs)")
     ap.add_argument("--phases", default="crr,direct,udp,peer,peer-dir",
                     help="comma-separated, from: " + ", ".join(FOCUS))
     ap.add_argument("--label", default="", help="recorded in the JSON output")
@@ -240,23 +266,24 @@ def main(argv: list[str] | None = None) -> int:
     rounds: list[dict[str, Any]] = []
     try:
         with ctlb_lab.Lab() as the_lab:
-            rig = Rig(the_lab, n=args.services, nodeport=args.nodeport)
+            rig = Rig(the_lab, n=args.services, nodeport=args.nodeport, ipv6=args.ipv6)
             try:
                 print(f"programmed {args.services} Services in {rig.program_s:.2f} s; "
                       f"warm-up {args.warmup:.0f} s", flush=True)
                 if args.warmup > 0:
-                    rig.crr(args.warmup, host=str(cluster_ip(0)))
+                    rig.crr(args.warmup, host=rig.service())
                 for r in range(args.rounds):
                     sample = {phase: measure(rig, phase, args.seconds) for phase in phases}
                     rounds.append(sample)
                     print(f"round {r + 1}/{args.rounds}: " + ", ".join(
                         f"{ph} {h} {sample[ph]['programs'][h]['ns_per_call']:.0f}"
-                        for ph in phases for h in FOCUS[ph] if h in sample[ph]['programs']), flush=True)
+                        for ph in phases for h in focus(ph, ipv6=args.ipv6) if h in sample[ph]['programs']),
+                        flush=True)
             finally:
                 rig.close()
     finally:
         os.close(stats_fd)
-    rows = summarize(rounds)
+    rows = summarize(rounds, ipv6=args.ipv6)
     print(render(rows))
     problems = [(ph, s["client"]) for r in rounds for ph, s in r.items()
                 if s["client"].get("errors") or s["client"].get("source_mismatch")

@@ -116,7 +116,7 @@ def key_hash(key_bytes: bytes) -> int:
     w0 = int.from_bytes(key_bytes[0:8], "little")
     w1 = int.from_bytes(key_bytes[8:16], "little")
     w2 = int.from_bytes(key_bytes[16:20], "little")
-    return mix64(w0 ^ mix64(w1 ^ mix64(w2)))
+    return mix64(w0 ^ (((w1 << 32) | (w1 >> 32)) & _U64) ^ (w2 << 16))  # fe6_hash
 
 
 def _be32(packed: bytes) -> int:

@@ -45,6 +45,16 @@ def test_frontend_hash_matches_ctlb_mix64_in_sock_c() -> None:
     assert len(c_steps) == 5
 
 
+def test_ipv6_key_fold_matches_fe6_hash_in_sock_c() -> None:
+    import inspect
+
+    source = (maps.bpf_source_dir() / "sock.c").read_text()
+    body = re.search(r"__u64 fe6_hash\(__u64 w0, __u64 w1, __u32 w2\)\s*\{\s*return (.*?);\s*\}", source, re.S)
+    assert body is not None
+    assert body[1] == "ctlb_mix64(w0 ^ ((w1 << 32) | (w1 >> 32)) ^ ((__u64)w2 << 16))"
+    assert "mix64(w0 ^ (((w1 << 32) | (w1 >> 32)) & _U64) ^ (w2 << 16))" in inspect.getsource(tables.key_hash)
+
+
 def test_every_map_the_header_declares_is_known_to_python() -> None:
     declared = set(re.findall(r"^CTLB_MAP\([^;]*?,\s*(ctlb_\w+),", _header(), re.M))
     assert declared == set(maps.ALL_MAPS)
