@@ -133,7 +133,9 @@ def test_destination_that_is_no_frontend_is_left_alone(cluster: Cluster) -> None
     assert {tuple(a["getpeername"]) for a in answers} == {(str(pods[1].ipv4), 8080)}
 
 
-def test_nodeport_on_the_node_address_from_the_node(cluster: Cluster) -> None:
+def _serve_one_node_port_backend(cluster: Cluster) -> str:
+    """One backend behind a NodePort Service (ClusterIP too, node port 30080) on the node's
+    address; starts the agent and returns that address."""
     pods = web_backends(cluster, 1)
     node_ip = str(cluster.lab.node.ipv4)
     svc = objects.service("web", cluster_ips=[CLUSTER_IP], type="NodePort",
@@ -141,6 +143,11 @@ def test_nodeport_on_the_node_address_from_the_node(cluster: Cluster) -> None:
     cluster.write("web", [svc, objects.endpoint_slice("web", addresses=[str(pods[0].ipv4)], ports=SLICE_HTTP),
                           objects.node("lab-node", addresses=[node_ip])])
     cluster.start_agent()
+    return node_ip
+
+
+def test_nodeport_on_the_node_address_from_the_node(cluster: Cluster) -> None:
+    node_ip = _serve_one_node_port_backend(cluster)
 
     (answer,) = http_requests(cluster.lab.node, node_ip, 30080)
 
@@ -481,13 +488,7 @@ def test_unconnected_udp_socket_keeps_one_backend_while_the_set_is_unchanged(clu
 
 
 def test_cluster_ip_and_node_port_of_one_service_each_give_back_what_was_dialled(cluster: Cluster) -> None:
-    pods = web_backends(cluster, 1)
-    node_ip = str(cluster.lab.node.ipv4)
-    svc = objects.service("web", cluster_ips=[CLUSTER_IP], type="NodePort",
-                          ports=[{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}])
-    cluster.write("web", [svc, objects.endpoint_slice("web", addresses=[str(pods[0].ipv4)], ports=SLICE_HTTP),
-                          objects.node("lab-node", addresses=[node_ip])])
-    cluster.start_agent()
+    node_ip = _serve_one_node_port_backend(cluster)
 
     via_cluster_ip = http_requests(cluster.lab.node, CLUSTER_IP, 80, count=3)
     via_node_port = http_requests(cluster.lab.node, node_ip, 30080, count=3)
