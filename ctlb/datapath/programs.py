@@ -29,11 +29,15 @@ CGROUP_UDP6_RECVMSG = 20
 CGROUP_INET4_GETPEERNAME = 29
 CGROUP_INET6_GETPEERNAME = 30
 
+# enum bpf_prog_type (uapi/linux/bpf.h); bcc 0.26's Python lacks some (CGROUP_SOCKOPT).
+PROG_CGROUP_SOCK_ADDR = 18
+
 
 @dataclass(frozen=True, slots=True)
 class Hook:
     program: str  # entry point in bpf/sock.c
     attach_type: int
+    prog_type: int = PROG_CGROUP_SOCK_ADDR
 
     @property
     def link_pin(self) -> str:
@@ -157,7 +161,7 @@ def compile_and_load(bpffs: pathlib.Path, sizes: MapSizes) -> tuple[object, dict
     ]
     try:
         bpf = BPF(src_file=str(src / "sock.c").encode(), cflags=cflags)
-        fds = {h.program: bpf.load_func(h.program.encode(), BPF.CGROUP_SOCK_ADDR,
+        fds = {h.program: bpf.load_func(h.program.encode(), h.prog_type,
                                         attach_type=h.attach_type).fd for h in HOOKS}
     except Exception as exc:  # bcc raises bare Exception for compile and verifier failures
         raise errors.DatapathError(f"loading bpf/sock.c failed: {exc}") from exc

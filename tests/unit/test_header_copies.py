@@ -75,7 +75,12 @@ def test_attach_types_match_the_kernel_uapi_numbers_bcc_carries() -> None:
     }
 
 
+def test_program_types_match_the_kernel_uapi_numbers_bcc_carries() -> None:
+    bcc = pytest.importorskip("bcc")
+    assert programs.PROG_CGROUP_SOCK_ADDR == bcc.BPF.CGROUP_SOCK_ADDR
+
+
 def test_every_hook_names_an_entry_point_in_sock_c() -> None:
     source = (maps.bpf_source_dir() / "sock.c").read_text()
     for hook in programs.HOOKS:
-        assert re.search(rf"^int {hook.program}\(struct bpf_sock_addr \*ctx\)", source, re.M), hook.program
+        assert re.search(rf"^int {hook.program}\(struct \w+ \*ctx\)", source, re.M), hook.program
