@@ -14,7 +14,10 @@ import json
 import re
 import socket
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
+
+import msgspec
 
 from ctlb import errors, model
 
@@ -89,6 +92,9 @@ def parse(obj: Mapping[str, Any]) -> model.KubeObject:
         errors.InvalidObject: the object is malformed or of an unsupported kind; `ref` names it
             (`Service default/web`) and `reason` the field and value at fault.
     """
+    converted = _parse_common(obj)
+    if converted is not None:
+        return converted
     try:
         return _parse(obj)
     except _FieldError as bad:
@@ -462,6 +468,307 @@ _PARSERS: dict[str, tuple[str, Callable[[Mapping[str, Any], Mapping[str, Any]], 
     "Pod": ("v1", _pod),
 }
 _CLUSTER_SCOPED = frozenset({"Node", "Namespace"})
+
+
+# --- the common shapes, read in one pass ------------------------------------------------------
+#
+# A start-up lists every Service and EndpointSlice of the cluster: 20k objects at 10k Services.
+# The field readers below check one field per call and prepare every field's path for an error
+# that almost never comes: about 25 us an object, and from JSON the whole document is decoded
+# first, managedFields and all. Nearly every object has one of a few common shapes: well-formed,
+# with no LoadBalancer status, session affinity or source ranges, and not ExternalName. msgspec
+# reads those straight into the typed structs below (from JSON bytes, or from a decoded
+# document), checking in C every type exactly as the readers check it and skipping the fields
+# ctlb does not read; the `_from_common_*` functions add the checks a type cannot express and
+# build the model value. Whatever does not fit (an uncommon shape or any malformed field) gets
+# None, and the readers convert it or name its fault: the meaning of each field stays theirs.
+# tests/unit/test_kubeobjects.py checks that both ways give the same values wherever this one
+# answers, over every malformation its mutation tests make.
+
+
+class _NotCommon(Exception):
+    """The object is not of a shape the common pass vouches for: the field readers take it."""
+
+
+class _Meta(msgspec.Struct):
+    name: str
+    namespace: str | None = None
+    labels: dict[str, str] | None = None
+
+
+class _ServicePort(msgspec.Struct, rename="camel"):
+    port: int
+    name: str | None = None
+    protocol: model.Protocol | None = None
+    target_port: int | str | None = None
+    node_port: int | None = None
+    app_protocol: str | None = None
+
+
+class _ServiceSpec(msgspec.Struct, rename="camel"):
+    type: model.ServiceType | None = None
+    cluster_ip: str | None = msgspec.field(default=None, name="clusterIP")
+    cluster_ips: list[str] | None = msgspec.field(default=None, name="clusterIPs")
+    ip_families: list[model.IPFamily] | None = None
+    ports: list[_ServicePort] | None = None
+    external_ips: list[str] | None = msgspec.field(default=None, name="externalIPs")
+    session_affinity: str | None = None
+    load_balancer_source_ranges: list[object] | None = None
+    external_traffic_policy: model.TrafficPolicy | None = None
+    internal_traffic_policy: model.TrafficPolicy | None = None
+    traffic_distribution: str | None = None
+
+
+class _LoadBalancerStatus(msgspec.Struct):
+    ingress: list[object] | None = None
+
+
+class _ServiceStatus(msgspec.Struct, rename="camel"):
+    load_balancer: _LoadBalancerStatus | None = None
+
+
+class _Typed(msgspec.Struct, rename="camel", kw_only=True):
+    # A list item's own kind and apiVersion, when it has them, must be the list's: unset, not null.
+    kind: str | msgspec.UnsetType = msgspec.UNSET
+    api_version: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class _Service(_Typed, kw_only=True):
+    metadata: _Meta
+    spec: _ServiceSpec
+    status: _ServiceStatus | None = None
+
+
+class _Conditions(msgspec.Struct):
+    ready: bool | None = None
+    serving: bool | None = None
+    terminating: bool | None = None
+
+
+class _Hint(msgspec.Struct):
+    name: str
+
+
+class _Hints(msgspec.Struct, rename="camel"):
+    for_zones: list[_Hint] | None = None
+    for_nodes: list[_Hint] | None = None
+
+
+class _Endpoint(msgspec.Struct, rename="camel"):
+    addresses: list[str]
+    conditions: _Conditions | None = None
+    hints: _Hints | None = None
+    node_name: str | None = None
+    zone: str | None = None
+
+
+class _EndpointPort(msgspec.Struct, rename="camel"):
+    # Only read when the port is set: a portless entry (the API's "all ports") is skipped
+    # unread, so one with, say, a numeric name is valid and left to the readers.
+    port: int | None = None
+    name: str | None = None
+    protocol: model.Protocol | None = None
+    app_protocol: str | None = None
+
+
+class _EndpointSlice(_Typed, kw_only=True):
+    metadata: _Meta
+    address_type: str
+    endpoints: list[_Endpoint] | None = None
+    ports: list[_EndpointPort] | None = None
+
+
+_NO_CONDITIONS = _Conditions()
+
+
+def _from_common_service(value: _Service) -> model.Service:
+    namespace, name, labels = _common_meta(value.metadata)
+    spec = value.spec
+    ingress = value.status.load_balancer.ingress if value.status and value.status.load_balancer else None
+    if spec.type is model.ServiceType.EXTERNAL_NAME or spec.session_affinity not in (None, "None") \
+            or spec.load_balancer_source_ranges or ingress:
+        raise _NotCommon
+    cluster_ips, headless = _common_cluster_ips(spec)
+    ports = tuple([_from_common_service_port(port) for port in spec.ports or ()])
+    if not ports and not headless:
+        raise _NotCommon
+    if len(ports) > 1 and (len({p.name for p in ports}) != len(ports)
+                           or len({(p.port, p.protocol) for p in ports}) != len(ports)):
+        raise _NotCommon  # a repeated name or port/protocol: the readers name it
+    families = tuple(spec.ip_families or ()) or tuple(model.family_of(ip) for ip in cluster_ips)
+    if len(set(families)) != len(families):
+        raise _NotCommon
+    return model.Service(
+        namespace=namespace,
+        name=name,
+        type=spec.type or model.ServiceType.CLUSTER_IP,
+        ports=ports,
+        cluster_ips=cluster_ips,
+        headless=headless,
+        ip_families=families,
+        external_ips=tuple([_ip(address, path="") for address in spec.external_ips]) if spec.external_ips else (),
+        external_traffic_policy=spec.external_traffic_policy or model.TrafficPolicy.CLUSTER,
+        internal_traffic_policy=spec.internal_traffic_policy or model.TrafficPolicy.CLUSTER,
+        traffic_distribution=spec.traffic_distribution,
+        labels=labels,
+    )
+
+
+def _common_meta(meta: _Meta) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+    if not meta.name:
+        raise _NotCommon
+    labels = tuple(sorted(meta.labels.items())) if meta.labels else ()
+    return meta.namespace or DEFAULT_NAMESPACE, meta.name, labels
+
+
+def _common_cluster_ips(spec: _ServiceSpec) -> tuple[tuple[model.IPAddress, ...], bool]:
+    """As `_cluster_ips`, for a Service whose clusterIP and clusterIPs agree."""
+    single = spec.cluster_ip
+    raw = spec.cluster_ips or ([single] if single else [])
+    if single and single != raw[0]:
+        raise _NotCommon
+    if raw == ["None"]:
+        return (), True
+    if len(raw) > 2 or "None" in raw:
+        raise _NotCommon
+    ips = tuple([_ip(address, path="") for address in raw])
+    if len(ips) == 2 and ips[0].version == ips[1].version:
+        raise _NotCommon
+    return ips, False
+
+
+def _from_common_service_port(value: _ServicePort) -> model.ServicePort:
+    port = _common_port(value.port)
+    target = value.target_port
+    if target is None or target == 0 or target == "":
+        target = port
+    elif isinstance(target, str):
+        if not _is_port_name(target):
+            raise _NotCommon
+    else:
+        target = _common_port(target)
+    node_port = value.node_port
+    return model.ServicePort(
+        name=value.name or "",
+        protocol=value.protocol or model.Protocol.TCP,
+        port=port,
+        target_port=target,
+        node_port=None if node_port is None or node_port == 0 else _common_port(node_port),
+        app_protocol=value.app_protocol,
+    )
+
+
+def _common_port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise _NotCommon
+    return value
+
+
+def _from_common_endpoint_slice(value: _EndpointSlice) -> model.EndpointSlice:
+    namespace, name, labels = _common_meta(value.metadata)
+    service_name = value.metadata.labels.get(SERVICE_NAME_LABEL) if value.metadata.labels else None
+    version = _ADDRESS_VERSIONS.get(value.address_type)  # FQDN slices go to the readers
+    if not service_name or version is None:
+        raise _NotCommon
+    return model.EndpointSlice(
+        namespace=namespace,
+        name=name,
+        service_name=service_name,
+        address_type=value.address_type,
+        endpoints=tuple([_from_common_endpoint(endpoint, version=version) for endpoint in value.endpoints or ()]),
+        ports=tuple([model.EndpointPort(name=port.name or "", protocol=port.protocol or model.Protocol.TCP,
+                                        port=_common_port(port.port), app_protocol=port.app_protocol)
+                     for port in value.ports or () if port.port is not None]),
+        labels=labels,
+    )
+
+
+_ADDRESS_VERSIONS = {"IPv4": 4, "IPv6": 6}
+
+
+def _from_common_endpoint(value: _Endpoint, *, version: int) -> model.Endpoint:
+    conditions = value.conditions or _NO_CONDITIONS
+    hints = value.hints
+    return model.Endpoint(
+        addresses=_common_addresses(value.addresses, version=version),
+        ready=conditions.ready,
+        serving=conditions.serving,
+        terminating=conditions.terminating,
+        node_name=value.node_name,
+        zone=value.zone,
+        hint_zones=tuple([hint.name for hint in hints.for_zones]) if hints and hints.for_zones else (),
+        hint_nodes=tuple([hint.name for hint in hints.for_nodes]) if hints and hints.for_nodes else (),
+    )
+
+
+def _common_addresses(addresses: list[str], *, version: int) -> tuple[model.IPAddress, ...]:
+    """The addresses of an endpoint, all of the slice's family (at least one)."""
+    if not addresses:
+        raise _NotCommon
+    if version == 4:
+        # What `_ip` accepts first, without its fallbacks: 40k endpoint addresses at 10k Services.
+        try:
+            return tuple([ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, a)) for a in addresses])
+        except OSError:
+            raise _NotCommon from None
+    parsed = tuple([_ip(address, path="") for address in addresses])
+    if any(address.version != version for address in parsed):
+        raise _NotCommon
+    return parsed
+
+
+@dataclass(frozen=True, slots=True)
+class _CommonShape:
+    shape: type[_Service] | type[_EndpointSlice]
+    convert: Callable[[Any], model.KubeObject]
+    json: msgspec.json.Decoder[Any]
+
+
+_COMMON: dict[tuple[str, str], _CommonShape] = {
+    ("Service", "v1"): _CommonShape(_Service, _from_common_service, msgspec.json.Decoder(_Service)),
+    ("EndpointSlice", "discovery.k8s.io/v1"): _CommonShape(
+        _EndpointSlice, _from_common_endpoint_slice, msgspec.json.Decoder(_EndpointSlice)),
+}
+
+
+def _parse_common(obj: object) -> model.KubeObject | None:
+    """A decoded Service or EndpointSlice of a common shape, converted; None for anything else."""
+    if type(obj) is not dict:
+        return None
+    kind, api_version = obj.get("kind"), obj.get("apiVersion")
+    common = _COMMON.get((kind, api_version)) if type(kind) is str and type(api_version) is str else None
+    if common is None:
+        return None
+    try:
+        return common.convert(msgspec.convert(obj, common.shape))
+    except (msgspec.ValidationError, _NotCommon, _FieldError):
+        return None
+
+
+def parse_json_common(data: bytes | msgspec.Raw, *, kind: str, api_version: str) -> model.KubeObject | None:
+    """Converts one object straight from its JSON, when it has a common shape.
+
+    For list items, which come without kind and apiVersion: the list says what they are.
+
+    Args:
+        data: the JSON text of one object.
+        kind: its kind.
+        api_version: its apiVersion.
+
+    Returns:
+        The model value; None when the object is not of a common shape (or not valid): decode it
+        and `parse` it then, which converts it or names what is wrong.
+    """
+    common = _COMMON.get((kind, api_version))
+    if common is None:
+        return None
+    try:
+        value = common.json.decode(data)
+        if value.kind not in (msgspec.UNSET, kind) or value.api_version not in (msgspec.UNSET, api_version):
+            return None
+        return common.convert(value)
+    except (msgspec.DecodeError, _NotCommon, _FieldError):
+        return None
 
 
 # --- field readers: each checks the type before use and names the field when it is wrong ------

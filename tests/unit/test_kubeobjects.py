@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -861,3 +862,123 @@ def test_any_malformed_field_gives_invalid_object_never_another_exception(text: 
             escaped.append(f"{path}={value!r}: {error!r}")
 
     assert escaped == []
+
+
+# --- the common-shape pass agrees with the field readers -------------------------------------
+
+_COMMON_SHAPES = {
+    "service": SERVICE,
+    "load-balancer-service": LOAD_BALANCER_SERVICE,
+    "endpoint-slice": ENDPOINT_SLICE,
+    "headless-service": """
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {clusterIP: None, clusterIPs: [None], ports: [{port: 5432}], type: ClusterIP}
+""",
+    "dual-stack-node-port-service": """
+apiVersion: v1
+kind: Service
+metadata: {name: api, labels: {app: api}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.20
+  clusterIPs: [10.96.0.20, "fd00:96::20"]
+  ipFamilies: [IPv4, IPv6]
+  externalIPs: [192.0.2.20]
+  externalTrafficPolicy: Local
+  trafficDistribution: PreferClose
+  ports:
+  - {name: http, port: 80, targetPort: 8080, nodePort: 30080, appProtocol: http}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 0, nodePort: 0}
+status: {loadBalancer: {}}
+""",
+    "ipv6-endpoint-slice-with-node-hints": """
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-v6, namespace: shop, labels: {kubernetes.io/service-name: api}}
+addressType: IPv6
+endpoints:
+- addresses: ["fd00:244::5"]
+  hints: {forNodes: [{name: node-1}], forZones: [{name: zone-a}]}
+- addresses: ["fd00:244::6", "fd00:244::7"]
+  conditions: {}
+ports:
+- {name: http, port: 8080, appProtocol: http}
+- {name: all}
+""",
+}
+
+# Values a reader might confuse with one it accepts: 1 and True, 0 and False, "" and None.
+_LOOKALIKES: tuple[Any, ...] = (*_GARBAGE, False, 1, 0.0, "TCP", "IPv4", "10.0.0.1", [{}], [""])
+
+
+def _removals(obj: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[str | int, ...]]:
+    """The path of every mapping key in `obj`, at any depth."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, child in items:
+        if isinstance(obj, dict):
+            yield (*path, key)
+        yield from _removals(child, (*path, key))
+
+
+def _without(obj: Any, path: tuple[str | int, ...]) -> Any:
+    trimmed = copy.deepcopy(obj)
+    target = trimmed
+    for part in path[:-1]:
+        target = target[part]
+    del target[path[-1]]
+    return trimmed
+
+
+def _variants(obj: Any) -> Iterator[Any]:
+    yield obj
+    for path in _removals(obj):
+        yield _without(obj, path)
+    for path, _ in _mutations(obj):
+        for value in _LOOKALIKES:
+            yield _mutated(obj, path, value)
+
+
+def _readers_view(obj: dict[str, Any]) -> str:
+    try:
+        return repr(kubeobjects._parse(obj))
+    except kubeobjects._FieldError as error:
+        return f"rejected: {error.reason}"
+
+
+@pytest.mark.parametrize("text", list(_COMMON_SHAPES.values()), ids=list(_COMMON_SHAPES))
+def test_common_pass_gives_what_the_field_readers_give_or_steps_aside(text: str) -> None:
+    mismatches = []
+    for obj in _variants(_load(text)):
+        fast = kubeobjects._parse_common(obj)
+        # repr, not ==: a str where an enum belongs, or 1 where True belongs, compares equal.
+        if fast is not None and repr(fast) != _readers_view(obj):
+            mismatches.append(f"{repr(fast)} != {_readers_view(obj)}")
+
+    assert mismatches == []
+
+
+@pytest.mark.parametrize("text", list(_COMMON_SHAPES.values()), ids=list(_COMMON_SHAPES))
+def test_common_pass_from_json_gives_what_the_field_readers_give_or_steps_aside(text: str) -> None:
+    kind, api_version = _load(text)["kind"], _load(text)["apiVersion"]
+    mismatches = []
+    for obj in _variants(_load(text)):
+        # As a list item: its own kind and apiVersion may be absent, and then are the list's.
+        for item in (obj, {k: v for k, v in obj.items() if k not in ("kind", "apiVersion")}):
+            fast = kubeobjects.parse_json_common(json.dumps(item).encode(), kind=kind, api_version=api_version)
+            typed = {**item, "kind": item.get("kind", kind), "apiVersion": item.get("apiVersion", api_version)}
+            if fast is not None and repr(fast) != _readers_view(typed):
+                mismatches.append(f"{repr(fast)} != {_readers_view(typed)}")
+
+    assert mismatches == []
+
+
+@pytest.mark.parametrize("name", ["service", "endpoint-slice", "headless-service", "dual-stack-node-port-service",
+                                  "ipv6-endpoint-slice-with-node-hints"])
+def test_common_shapes_take_the_one_pass(name: str) -> None:
+    obj = _load(_COMMON_SHAPES[name])
+
+    assert kubeobjects._parse_common(obj) is not None
+    assert kubeobjects.parse_json_common(json.dumps(obj).encode(), kind=obj["kind"],
+                                         api_version=obj["apiVersion"]) is not None
