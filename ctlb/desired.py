@@ -33,9 +33,12 @@ class Frontend:
     port: int
     protocol: model.Protocol
 
+    def sort_key(self) -> tuple[tuple[int, int], int, str]:
+        """The order of frontends, as a key: sorting by it calls no Python per comparison."""
+        return (_address_key(self.address), self.port, self.protocol)
+
     def __lt__(self, other: Frontend) -> bool:
-        return (_address_key(self.address), self.port, self.protocol) < (
-            _address_key(other.address), other.port, other.protocol)
+        return self.sort_key() < other.sort_key()
 
     def __str__(self) -> str:
         host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
@@ -47,8 +50,12 @@ class Backend:
     address: model.IPAddress
     port: int
 
+    def sort_key(self) -> tuple[tuple[int, int], int]:
+        """The order of backends, as a key; equal keys mean equal backends."""
+        return (_address_key(self.address), self.port)
+
     def __lt__(self, other: Backend) -> bool:
-        return (_address_key(self.address), self.port) < (_address_key(other.address), other.port)
+        return self.sort_key() < other.sort_key()
 
     def __str__(self) -> str:
         host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
