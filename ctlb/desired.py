@@ -125,6 +125,8 @@ class ServicePortState:
 
     def frontend_groups(self) -> list[tuple[tuple[Backend, ...], tuple[Frontend, ...]]]:
         """The frontends grouped by the backend set they point at: one group in the common case."""
+        if self.external_backends is None:  # every kind gets `backends`: no need to hash the sets
+            return [(self.backends, tuple(self.frontends))] if self.frontends else []
         groups: dict[tuple[Backend, ...], list[Frontend]] = {}
         for frontend, kind in self.frontends.items():
             groups.setdefault(self.backends_for(kind), []).append(frontend)
