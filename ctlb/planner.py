@@ -34,14 +34,21 @@ class Planner:
         self._claims: dict[desired.Frontend, list[tuple[_Order, desired.ServicePortName]]] = {}
         self._kept: dict[desired.ServicePortName, desired.ServicePortState] = {}
         self._conflicts: dict[desired.ServicePortName, list[model.Problem]] = {}
+        # Services an update while listing left for later (see `update`).
+        self._waiting: set[_ServiceKey] = set()
         self.frontend_count = 0
 
-    def update(self, objects: store.ObjectStore, changes: store.Changes | None) -> Moved:
+    def update(self, objects: store.ObjectStore, changes: store.Changes | None, *, listing: bool = False) -> Moved:
         """Brings the plan up to date with `objects`.
 
         Args:
             objects: the store, read under its lock by the caller.
             changes: what changed since the last update; None recomputes every Service.
+            listing: the source is still listing everything, and this plans ahead of the first
+                sync with what has come so far. Services none of whose EndpointSlices has come
+                yet, and all of them while this node's Node has not, wait for a later update:
+                planned now, they would most likely be planned again when those come. An
+                update without `listing` plans whatever waits, so the plan is then complete.
 
         Returns:
             The service ports whose desired state was added, changed or removed, each with the
@@ -51,10 +58,16 @@ class Planner:
         # Without its Node object this node still has its name, which node-local endpoints and
         # node hints need (kube-proxy knows it from its flags); it has no addresses or zone.
         node = held if isinstance(held, model.Node) else model.Node(name=self.node_name, addresses=())
-        services = self._dirty_services(objects, changes)
+        services = self._waiting.union(self._dirty_services(objects, changes))
+        if listing:
+            ready = {key for key in services if isinstance(held, model.Node) and objects.has_slices(*key)}
+            self._waiting = services - ready
+            services = ready
+        else:
+            self._waiting = set()
         touched: set[desired.ServicePortName] = set()
         contested: set[desired.Frontend] = set()
-        for key in services:
+        for key in sorted(services):
             touched.update(self._recompute(key, objects, node=node, contested=contested))
         for frontend in contested:
             touched.update(name for _, name in self._claims.get(frontend, ()))
@@ -72,7 +85,7 @@ class Planner:
 
     # --- which Services to recompute --------------------------------------------------------
 
-    def _dirty_services(self, objects: store.ObjectStore, changes: store.Changes | None) -> Iterable[_ServiceKey]:
+    def _dirty_services(self, objects: store.ObjectStore, changes: store.Changes | None) -> set[_ServiceKey]:
         if changes is None:
             return self._every_service(objects)
         dirty: set[_ServiceKey] = set()
@@ -87,10 +100,10 @@ class Planner:
                         dirty.add((namespace, obj.service_name))
             elif kind == "Node" and name == self.node_name:
                 return self._every_service(objects)  # node addresses and zone reach every Service
-        return sorted(dirty)
+        return dirty
 
-    def _every_service(self, objects: store.ObjectStore) -> list[_ServiceKey]:
-        return sorted({(ns, name) for _, ns, name in objects.keys("Service")} | set(self._raw))
+    def _every_service(self, objects: store.ObjectStore) -> set[_ServiceKey]:
+        return {(ns, name) for _, ns, name in objects.keys("Service")} | set(self._raw)
 
     def _recompute(self, key: _ServiceKey, objects: store.ObjectStore, *, node: model.Node,
                    contested: set[desired.Frontend]) -> set[desired.ServicePortName]:

@@ -330,6 +330,7 @@ class _ListWatch:
         self._rv = page.metadata.resource_version
         with self._lock:
             self._synced = True
+        self._store.notify()  # whoever waits for the first list wakes now
         self._succeeded()
         self._log.info("resource_listed", objects=len(seen), pages=pages, resource_version=self._rv,
                        seconds=round(time.monotonic() - started, 3))

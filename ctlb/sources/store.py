@@ -89,6 +89,10 @@ class ObjectStore:
             self._problems_changed = True
             self._changed.set()
 
+    def notify(self) -> None:
+        """Wakes `wait` without a change: a source's news that is no object (a list completed)."""
+        self._changed.set()
+
     # --- readers ------------------------------------------------------------------------------
 
     @contextmanager
@@ -133,6 +137,11 @@ class ObjectStore:
         with self._lock:
             by_name = self._slices.get((namespace, service))
             return [by_name[name] for name in sorted(by_name)] if by_name else []
+
+    def has_slices(self, namespace: str, service: str) -> bool:
+        """Whether any EndpointSlice is labelled as the Service's."""
+        with self._lock:
+            return (namespace, service) in self._slices
 
     def problems(self) -> list[model.Problem]:
         with self._lock:

@@ -89,6 +89,61 @@ def test_incremental_plan_equals_planning_afresh_after_every_change(seed: int) -
         before = dict(state.service_ports)
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_planning_ahead_while_listing_then_completing_equals_planning_afresh(seed: int) -> None:
+    rng = random.Random(seed)
+    objects = store.ObjectStore()
+    plan = planner.Planner(NODE_NAME)
+    before: dict[desired.ServicePortName, desired.ServicePortState] = {}
+    for _ in range(30):
+        moved: planner.Moved = {}
+        for _ in range(rng.randint(0, 4)):  # updates while the source lists: partial plans
+            for _ in range(rng.randint(1, 3)):
+                _random_change(rng, objects)
+            for name, previous in plan.update(objects, objects.take(), listing=True).items():
+                moved.setdefault(name, previous)
+        _random_change(rng, objects)
+        for name, previous in plan.update(objects, objects.take()).items():
+            moved.setdefault(name, previous)
+        state = plan.state()
+        fresh = _fresh(objects)
+        assert dict(state.service_ports) == dict(fresh.service_ports)
+        assert state.problems == fresh.problems
+        assert plan.frontend_count == fresh.frontend_count()
+        now_moved = {n for n in before.keys() | state.service_ports.keys()
+                     if before.get(n) != state.service_ports.get(n)}
+        assert now_moved <= moved.keys(), "every moved service port is reported, by one update or another"
+        assert all(moved[n] is before.get(n) for n in moved), "with the state it had before the first"
+        before = dict(state.service_ports)
+
+
+def test_planning_while_listing_leaves_a_service_without_slices_for_later() -> None:
+    objects = store.ObjectStore()
+    objects.put(model.Node(name=NODE_NAME, addresses=()))
+    objects.put(_web())
+    objects.put(_web("10.96.0.11", name="api"))
+    objects.put(_web_slice("10.244.0.2", name="api-1", service="api"))
+    plan = planner.Planner(NODE_NAME)
+
+    ahead = plan.update(objects, objects.take(), listing=True)
+    done = plan.update(objects, objects.take())
+
+    assert ({n.name for n in ahead}, {n.name for n in done}) == ({"api"}, {"web"})
+
+
+def test_planning_while_listing_waits_for_the_node() -> None:
+    objects = store.ObjectStore()
+    objects.put(_web())
+    objects.put(_web_slice("10.244.0.2"))
+    plan = planner.Planner(NODE_NAME)
+
+    ahead = plan.update(objects, objects.take(), listing=True)
+    objects.put(model.Node(name=NODE_NAME, addresses=()))
+    later = plan.update(objects, objects.take(), listing=True)
+
+    assert (ahead, {n.name for n in later}) == ({}, {"web"})
+
+
 def _web(ip: str = "10.96.0.10", *, name: str = "web", namespace: str = "shop") -> model.Service:
     return model.Service(namespace=namespace, name=name, type=model.ServiceType.CLUSTER_IP,
                          ports=(model.ServicePort("http", TCP, 80, 8080),), cluster_ips=(_ip(ip),),
