@@ -58,12 +58,16 @@ class Planner:
         # Without its Node object this node still has its name, which node-local endpoints and
         # node hints need (kube-proxy knows it from its flags); it has no addresses or zone.
         node = held if isinstance(held, model.Node) else model.Node(name=self.node_name, addresses=())
-        services = self._waiting.union(self._dirty_services(objects, changes))
+        services = self._dirty_services(objects, changes)
         if listing:
-            ready = {key for key in services if isinstance(held, model.Node) and objects.has_slices(*key)}
-            self._waiting = services - ready
+            # A waiting Service can only become ready by a change to one of its slices, or by
+            # the Node coming, either of which makes it dirty: the waiting need no second look.
+            ready = {key for key in services if objects.has_slices(*key)} if isinstance(held, model.Node) else set()
+            self._waiting.difference_update(ready)
+            self._waiting.update(services - ready)
             services = ready
         else:
+            services |= self._waiting
             self._waiting = set()
         touched: set[desired.ServicePortName] = set()
         contested: set[desired.Frontend] = set()
