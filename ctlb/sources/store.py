@@ -162,7 +162,8 @@ class ObjectStore:
 
     def _note(self, key: Key, old: model.KubeObject | None) -> None:
         self._before.setdefault(key, old)
-        self._changed.set()
+        if not self._changed.is_set():  # setting takes the event's own lock: 20k times at a start-up
+            self._changed.set()
 
     def _unindex(self, old: model.EndpointSlice) -> None:
         group = (old.namespace, old.service_name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -468,3 +469,96 @@ def test_watcher_wakes_at_once_when_a_file_is_renamed_into_place(tmp_path: pathl
         assert watcher.changed()
     finally:
         watcher.close()
+
+
+# --- JSON, read straight into the model; YAML, decoded by worker processes -------------------
+
+def _objects(snapshot: model.Snapshot) -> tuple[tuple[model.KubeObject, ...], ...]:
+    return (snapshot.services, snapshot.endpoint_slices, snapshot.nodes, snapshot.namespaces, snapshot.pods)
+
+
+def _mixed_list(kind: str = "List") -> dict[str, object]:
+    """A `kubectl get -o json` listing with common, uncommon, invalid and odd items."""
+    service, endpoint_slice = yaml.safe_load(SERVICE), yaml.safe_load(ENDPOINT_SLICE)
+    affinity = {**service, "metadata": {"name": "sticky", "namespace": "shop"},
+                "spec": {**service["spec"], "sessionAffinity": "ClientIP"}}
+    bad_port = {**service, "metadata": {"name": "bad", "namespace": "shop"},
+                "spec": {**service["spec"], "ports": [{"port": 80000}]}}
+    nested = {"apiVersion": "v1", "kind": "List", "items": [yaml.safe_load(NAMESPACE)]}
+    return {"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": ""},
+            "items": [service, endpoint_slice, affinity, bad_port, nested, yaml.safe_load(NODE),
+                      yaml.safe_load(POD), {"kind": "Service"}, ["not", "an", "object"], None]}
+
+
+def _load_as(tmp_path: pathlib.Path, name: str, text: str) -> model.Snapshot:
+    folder = tmp_path / name
+    _write(folder / name, text)
+    return manifests.load([folder])
+
+
+@pytest.mark.parametrize("indent", [None, 2], ids=["compact", "indented"])
+def test_json_listing_read_straight_into_the_model_equals_reading_it_as_yaml(tmp_path: pathlib.Path,
+                                                                           indent: int | None) -> None:
+    listing = _mixed_list()
+    from_json = _load_as(tmp_path, "all.json", json.dumps(listing, indent=indent))
+    from_yaml = _load_as(tmp_path, "all.yml", yaml.safe_dump(listing))
+
+    assert from_json.services and from_json.endpoint_slices
+    assert _objects(from_json) == _objects(from_yaml)
+    assert [p.reason for p in from_json.problems] == [p.reason for p in from_yaml.problems]
+
+
+def test_items_of_a_typed_json_listing_take_its_kind_unless_they_name_their_own(tmp_path: pathlib.Path) -> None:
+    service = yaml.safe_load(SERVICE)
+    item = {key: value for key, value in service.items() if key not in ("kind", "apiVersion")}
+    listing = {"apiVersion": "v1", "kind": "ServiceList", "items": [item, {**item, "kind": "Pod"}]}
+
+    snapshot = _load_as(tmp_path, "services.json", json.dumps(listing))
+
+    assert (_refs(snapshot), snapshot.problems) == (["Service shop/web", "Pod shop/web"], ())
+
+
+def test_json_in_a_yaml_file_is_read_as_json(tmp_path: pathlib.Path) -> None:
+    text = json.dumps(_mixed_list(), indent="\t")  # tab indentation: JSON, but not YAML 1.1
+    as_yaml_file = _load_as(tmp_path, "all.yaml", text)
+    as_json_file = _load_as(tmp_path, "all.json", text)
+
+    assert as_yaml_file.services
+    assert _objects(as_yaml_file) == _objects(as_json_file)
+    assert [p.reason for p in as_yaml_file.problems] == [p.reason for p in as_json_file.problems]
+
+
+def test_yaml_flow_mapping_that_is_not_json_is_still_read_as_yaml(tmp_path: pathlib.Path) -> None:
+    snapshot = _load_as(tmp_path, "ns.yaml", "{apiVersion: v1, kind: Namespace, metadata: {name: shop}}\n")
+
+    assert _refs(snapshot) == ["Namespace shop"]
+
+
+def test_json_that_msgspec_refuses_is_still_read(tmp_path: pathlib.Path) -> None:
+    text = json.dumps(_mixed_list()).replace('"resourceVersion": ""', '"resourceVersion": NaN')
+
+    assert _refs(_load_as(tmp_path, "nan.json", text)) == _refs(_load_as(tmp_path, "plain.json", json.dumps(_mixed_list())))
+
+
+def test_many_yaml_files_decoded_by_workers_load_as_they_do_here(tmp_path: pathlib.Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(5):
+        _write(tmp_path / f"f{i}.yaml", _documents(_renamed(SERVICE, f"web{i}"), ENDPOINT_SLICE, "- a list\n"))
+    _write(tmp_path / "broken.yaml", _documents(_renamed(SERVICE, "early"), "kind: Service\nmetadata: {name: [\n"))
+    _write(tmp_path / "list.json", json.dumps(_mixed_list()))
+    here = manifests.load([tmp_path])
+    pools = []
+
+    class CountedPool(concurrent.futures.ProcessPoolExecutor):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pools.append(self)
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(manifests, "_PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(manifests.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(manifests.concurrent.futures, "ProcessPoolExecutor", CountedPool)
+
+    in_workers = manifests.load([tmp_path])
+
+    assert (len(pools), len(here.services)) == (1, 8)
+    assert in_workers == here
