@@ -38,6 +38,9 @@ class _Candidate(NamedTuple):
     backend: desired.Backend
     endpoint: model.Endpoint
     order: tuple[tuple[int, int], int]  # backend.sort_key(): the output order, and the backend's identity
+    # The endpoint's conditions as the rules read them, decided once (see `_candidate`).
+    ready: bool
+    serving_terminating: bool
 
 
 def is_proxied(service: model.Service) -> bool:
@@ -239,13 +242,10 @@ def _terminating(endpoint: model.Endpoint) -> bool:
     return endpoint.terminating is True
 
 
-def _is_ready(candidate: _Candidate) -> bool:
-    return _ready(candidate.endpoint)
-
-
-def _is_serving_terminating(candidate: _Candidate) -> bool:
-    """KEP-1669: a terminating endpoint that still serves is a last resort."""
-    return _serving(candidate.endpoint) and _terminating(candidate.endpoint)
+def _candidate(backend: desired.Backend, endpoint: model.Endpoint) -> _Candidate:
+    return _Candidate(backend, endpoint, backend.sort_key(), ready=_ready(endpoint),
+                      # KEP-1669: a terminating endpoint that still serves is a last resort.
+                      serving_terminating=_serving(endpoint) and _terminating(endpoint))
 
 
 def _is_local(candidate: _Candidate, *, here: _NodeTopology) -> bool:
@@ -277,7 +277,7 @@ def _candidates(
                 continue
             # kube-proxy uses only the first address: the others are the same endpoint, not more.
             backend = desired.Backend(endpoint.addresses[0], slice_port.port)
-            candidates.append(_Candidate(backend, endpoint, backend.sort_key()))
+            candidates.append(_candidate(backend, endpoint))
     return _deduplicate(candidates)
 
 
@@ -338,23 +338,26 @@ def _categorize(candidates: Sequence[_Candidate], *, here: _NodeTopology) -> _Ca
 
 def _cluster_endpoints(candidates: Sequence[_Candidate], *, here: _NodeTopology) -> list[_Candidate]:
     mode = _topology_mode(candidates, here=here)
-    ready = [c for c in candidates if _is_ready(c) and _available_for_topology(c, mode=mode, here=here)]
+    if mode == _NO_TOPOLOGY:
+        ready = [c for c in candidates if c.ready]
+    else:
+        ready = [c for c in candidates if c.ready and _available_for_topology(c, mode=mode, here=here)]
     if ready:
         return ready
     # No ready endpoint anywhere (a topology mode is only chosen when a ready endpoint fits it), so
     # fall back to the serving-terminating ones, without topology: a best effort not to refuse.
-    return [c for c in candidates if _is_serving_terminating(c)]
+    return [c for c in candidates if c.serving_terminating]
 
 
 def _local_endpoints(candidates: Sequence[_Candidate], *, here: _NodeTopology) -> list[_Candidate]:
     local = [c for c in candidates if _is_local(c, here=here)]
-    ready = [c for c in local if _is_ready(c)]
-    return ready or [c for c in local if _is_serving_terminating(c)]
+    ready = [c for c in local if c.ready]
+    return ready or [c for c in local if c.serving_terminating]
 
 
 def _has_any_endpoints(candidates: Sequence[_Candidate]) -> bool:
     """kube-proxy's hasAnyEndpoints: some endpoint, on any node, is ready or serving-terminating."""
-    return any(_is_ready(c) or _is_serving_terminating(c) for c in candidates)
+    return any(c.ready or c.serving_terminating for c in candidates)
 
 
 def _topology_mode(candidates: Sequence[_Candidate], *, here: _NodeTopology) -> str:
@@ -365,7 +368,7 @@ def _topology_mode(candidates: Sequence[_Candidate], *, here: _NodeTopology) -> 
     one names this node's zone (never when the node has no zone label, unless a hint names the
     empty zone, as in kube-proxy); else none do and every ready endpoint is used.
     """
-    ready = [c.endpoint for c in candidates if _is_ready(c)]
+    ready = [c.endpoint for c in candidates if c.ready]
     if not ready:
         return _NO_TOPOLOGY
     if all(e.hint_nodes for e in ready) and any(here.name in e.hint_nodes for e in ready):
