@@ -188,10 +188,31 @@ def map_memory(node: topology.BenchNode) -> Sample:
     return out
 
 
+def from_empty_s(agent_log: pathlib.Path) -> float | None:
+    """Metric 5a for ctlb, end to end: from the agent's datapath being ready (programs compiled,
+    loaded and attached: a cost that does not grow with N) to the end of its first sync (every
+    manifest read, every Service planned, the maps written, the state file written), from the
+    timestamps of its JSON log. The agent's log file is appended to at every start: the last
+    start counts."""
+    ready: datetime.datetime | None = None
+    synced: datetime.datetime | None = None
+    for line in agent_log.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # not a log event (a traceback, a warning from a library)
+        if event.get("event") == "datapath_ready":
+            ready, synced = datetime.datetime.fromisoformat(event["timestamp"]), None
+        elif event.get("event") == "synced" and ready is not None and synced is None:
+            synced = datetime.datetime.fromisoformat(event["timestamp"])
+    return (synced - ready).total_seconds() if ready is not None and synced is not None else None
+
+
 def run_for_n(node: topology.BenchNode, n: int, *, rounds: int, seconds: float) -> Sample:
     node.load_services(n)
     result: Sample = {"n": n, "control": {}, "rounds": []}
     result["control"]["ctlb"] = node.start_agent()
+    result["control"]["ctlb"]["from_empty_s"] = from_empty_s(node.work / "agent.log")
     for mode in (Mode.IPTABLES, Mode.NFTABLES):
         print(f"  N={n} loading {mode.value} rules", flush=True)
         timing = node.install(mode)
