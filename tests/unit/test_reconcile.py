@@ -538,6 +538,30 @@ def test_frontend_table_writes_change_only_what_no_reader_relies_on(layouts) -> 
             f"slot {idx}: a write a reader could see half done"
 
 
+def test_tcp_udp_and_sctp_on_one_address_and_port_are_three_frontends(layouts) -> None:
+    """The protocol is part of the key the programs match (ctx->protocol): an SCTP port never
+    answers for TCP or UDP on the same number, nor they for it."""
+    from ctlb.datapath import maps
+
+    array = FakeArray(maps.FRONTENDS[4], layouts[maps.FRONTENDS[4]], 32)
+    r = reconcile.Reconciler({**tables.memory_tables(), 4: tables.FamilyTables(
+        frontends=tables.KernelFrontendTable(array, 4), backends=tables.MemoryTable("be4", 64),
+        members=tables.MemoryTable("m4", 64))})
+    ports = {proto: desired.ServicePortState(
+        name=desired.ServicePortName("default", "sig", proto.lower(), proto, model.IPFamily.IPv4),
+        frontends={desired.Frontend(ipaddress.ip_address("10.96.0.10"), 3868, proto): desired.FrontendKind.CLUSTER_IP},
+        backends=(be(f"10.244.0.{i + 2}"),)) for i, proto in enumerate(model.Protocol)}
+    r.apply(desired.DesiredState(service_ports={p.name: p for p in ports.values()}))
+    table = r._tables[4].frontends
+    found = {proto: lookup_like_sock_c(table, array.elems, next(iter(sp.frontends))) for proto, sp in ports.items()}
+    assert len({v.set_id for v in found.values()}) == 3
+    assert {f: v["backends"] for f, v in r.view().items()} == {
+        "10.96.0.10:3868/TCP": ["10.244.0.2:8080"], "10.96.0.10:3868/UDP": ["10.244.0.3:8080"],
+        "10.96.0.10:3868/SCTP": ["10.244.0.4:8080"]}
+    used = [e.key.proto for e in array.elems if e.key.state == tables.SLOT_USED]
+    assert sorted(used) == [6, 17, 132], "IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP in the keys"
+
+
 def test_frontend_table_reports_full_when_the_probe_window_is_taken(layouts) -> None:
     from ctlb.datapath import maps
 
