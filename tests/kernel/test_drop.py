@@ -161,6 +161,11 @@ def _attached(cluster: Cluster) -> set[str]:
     return {a["hook"] for a in _status(cluster)["attached"]}
 
 
+def _dropped(cluster: Cluster) -> dict[str, bool]:
+    """`ctlb services`: whether each frontend drops."""
+    return {r["frontend"]: r["drop"] for r in json.loads(cluster.ctlb("services", "--json").stdout)}
+
+
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 def test_tcp_connect_times_out_when_only_other_nodes_have_endpoints(cluster: Cluster, family: int) -> None:
     (remote,) = _pods(cluster, ["web1"], ipv6=family == 6)
@@ -250,6 +255,7 @@ def test_an_endpoint_appearing_on_this_node_ends_the_drop_and_the_sockets_it_hel
     cluster.start_agent()
     assert EGRESS in _attached(cluster)
     assert _status(cluster)["in_sync"], _status(cluster)["reasons"]
+    assert _dropped(cluster) == {f"{CLUSTER_IP[4]}:80/TCP": True, f"{CLUSTER_IP[4]}:53/UDP": True}
     pending = client.popen([sys.executable, "-c", _TCP_PROBE.format(host=CLUSTER_IP[4], port=80, timeout=30)],
                            stdout=subprocess.PIPE, text=True)
     resolver = client.popen([sys.executable, "-c", _LONG_LIVED_UDP.format(host=CLUSTER_IP[4], port=53)],
@@ -266,6 +272,7 @@ def test_an_endpoint_appearing_on_this_node_ends_the_drop_and_the_sockets_it_hel
     assert udp_exchange(client, CLUSTER_IP[4], 53, connected=True).get("backend") == "web0"
     assert EGRESS not in _attached(cluster)
     assert _status(cluster)["in_sync"], _status(cluster)["reasons"]
+    assert _dropped(cluster) == {f"{CLUSTER_IP[4]}:80/TCP": False, f"{CLUSTER_IP[4]}:53/UDP": False}
 
 
 def test_a_restarted_agent_keeps_dropping_and_uninstall_removes_the_egress_program(cluster: Cluster) -> None:
