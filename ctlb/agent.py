@@ -16,8 +16,9 @@ from typing import Protocol
 import structlog
 
 from ctlb import datapath, desired, model, planner, statefile
-from ctlb.datapath import reconcile, sockdiag
+from ctlb.datapath import cgroup, reconcile, sockdiag
 from ctlb.sources import manifests, store
+from meshredirect import control, switch
 
 log = structlog.get_logger()
 
@@ -32,6 +33,7 @@ class AgentConfig:
     sizes: datapath.MapSizes = field(default_factory=datapath.MapSizes)
     interval: float = 0.2  # seconds between looks at the source
     kubeconfig: pathlib.Path | None = None  # None: in-cluster config (API source only)
+    mesh: switch.MeshSettings = field(default_factory=switch.MeshSettings)
 
 
 class Source(Protocol):
@@ -124,6 +126,8 @@ class Agent:
         self.store = objects
         self.datapath = dp
         self.planner = planner.Planner(config.node_name)
+        self.mesh = control.MeshControl(pinned=dp.pinned, settings=config.mesh, node_name=config.node_name,
+                                        cgroup_root=config.cgroup, cgroup_mount=cgroup.cgroup2_mount())
         self._udp_backends = sockdiag.UdpBackends()
         self._gc_thresholds = gc.get_threshold()
         self._reported: set[model.Problem] = set()
@@ -146,13 +150,18 @@ class Agent:
             if changes is None and not first:
                 return False
             changed = self.planner.update(self.store, None if first else changes)
+            pods_moved = control.MeshControl.touched_by(None if first else changes)
+            if pods_moved:
+                self.mesh.update(self.store)
             source_problems = self.store.problems()
         plan = self.planner.state()
         decided = time.perf_counter()
         outcome = self.datapath.apply(plan, hint=None if first else changed)
+        if pods_moved:
+            self._tend_pods()
         programmed = time.perf_counter()
         self._end_stale_udp_flows(changed, plan)
-        problems = sorted({*source_problems, *plan.problems, *outcome.problems})
+        problems = sorted({*source_problems, *plan.problems, *outcome.problems, *self.mesh.problems})
         self._report(problems)
         names_changed = self._record(plan, changed, outcome, problems)
         timings = {"read_ms": round(read_ms, 3), "semantics_ms": round(1000 * (decided - started), 3),
@@ -169,6 +178,17 @@ class Agent:
                  changed=len(changed), frontends=self.planner.frontend_count, writes=outcome.writes,
                  deletes=outcome.deletes, problems=len(problems), in_sync=self.state.in_sync, **timings)
         return True
+
+    def _tend_pods(self) -> None:
+        """Finds the pods' cgroups again and programs what moved: kubelet makes and removes pod
+        cgroups on its own schedule, which no object change announces."""
+        self.mesh.rescan()
+        self.mesh.apply()
+        status = dataclasses.asdict(self.mesh.status())
+        if status != self.state.mesh:
+            self.state.mesh = status
+            if self.state.syncs:
+                statefile.write(self.config.run_dir, self.state, names=False)
 
     def _end_stale_udp_flows(self, moved: planner.Moved, plan: desired.DesiredState) -> None:
         """Connected UDP sockets keep the backend they got at connect: when it serves no UDP
@@ -239,6 +259,8 @@ class Agent:
             synced = self.source.synced() and self.sync(read_ms=1000 * (time.perf_counter() - started))
             if not synced:
                 self._note_source_status()
+                if self.state.syncs:
+                    self._tend_pods()
             if not stop.is_set():
                 self.source.wait(self.config.interval)
 
