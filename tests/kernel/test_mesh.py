@@ -236,3 +236,32 @@ def test_two_pods_with_the_same_loopback_tuple_each_get_their_own_destination(cl
     assert answers[0]["original_dst"] == [CLUSTER_IP, 80]
     assert answers[1]["original_dst"] == [api_ip, 80]
     assert answers[1]["backend"] == "api0"
+
+
+def test_a_restarted_agent_keeps_meshed_pods_captured_and_adopts_them(cluster: Cluster) -> None:
+    backends = _backends(cluster)
+    app = cluster.lab.add_pod("app", namespace="shop")
+    sidecar.start(app)
+    cluster.write("web", _web(backends))
+    annotated = _pod_object(app, annotations={"traffic.sidecar.istio.io/excludeOutboundPorts": "5432"})
+    cluster.write("pods", [objects.namespace("shop", labels=MESH), annotated])
+    cluster.start_agent()
+    assert _one(cluster, app).get("via") == "sidecar"
+
+    cluster.kill_agent()
+    assert all(a.get("via") == "sidecar" for a in http_requests(app, CLUSTER_IP, 80, count=5)), \
+        "the pinned maps keep serving without the agent"
+    cluster.start_agent()
+    assert any(e.get("event") == "pods_adopted" for e in cluster.log_events())
+    assert _one(cluster, app).get("via") == "sidecar"
+
+    # What the new agent adopted, it can undo: the pod leaves the mesh.
+    syncs = cluster.state().syncs
+    cluster.write("pods", [objects.namespace("shop"), annotated])
+    cluster.wait_synced(after=syncs)
+    assert "via" not in _one(cluster, app)
+    assert cluster.state().mesh == {"pods": 1, "meshed": 0, "waiting": []}
+    assert "Pods:        1 on this node, 0 in the mesh" in cluster.ctlb("status").stdout
+    fill = {m["map"]: m["entries"] for m in json.loads(cluster.ctlb("status", "--json").stdout)["maps"]}
+    assert fill["ctlb_mesh_ports"] == 0, "the adopted pod's rules went with its mesh mode"
+    assert fill["ctlb_pods"] == 1
