@@ -14,7 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from ctlb import desired, model, planner
-from meshredirect.xds import XdsError, XdsServer, snapshot
+from meshredirect.xds import XdsError, XdsServer, addresses, snapshot
 from tests.unit.adsclient import AdsClient
 
 CDS, EDS, LDS, RDS = (snapshot.TypeUrl.CLUSTER, snapshot.TypeUrl.ENDPOINT, snapshot.TypeUrl.LISTENER,
@@ -97,6 +97,17 @@ def test_serves_on_a_unix_socket_and_a_tcp_port(tmp_path: pathlib.Path, clients:
             client.send(CDS)
             assert client.receive().version_info == xds.current.version(CDS)
     assert not path.exists(), "the socket goes with the server"
+
+
+@pytest.mark.parametrize(("address", "target"), [
+    ("unix:/run/ctlb/xds.sock", "unix:/run/ctlb/xds.sock"),
+    ("unix:///run/ctlb/xds.sock", "unix:/run/ctlb/xds.sock"),
+    ("10.0.0.5:15010", "10.0.0.5:15010"),
+    ("[fd00::5]:15010", "[fd00::5]:15010"),
+    ("localhost:0", "localhost:0"),
+])
+def test_listen_address_forms(address: str, target: str) -> None:
+    assert addresses.parse(address).grpc_target == target
 
 
 @pytest.mark.parametrize("address", ["", "web", "unix:relative.sock", "127.0.0.1:70000", ":15010",
