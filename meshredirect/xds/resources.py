@@ -58,6 +58,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+from google.protobuf.message import Message
 
 from ctlb import desired, model
 
@@ -181,6 +182,7 @@ def cluster_name(service: model.Service, *, port: int, family: model.IPFamily, e
 
 
 def filter_chain_name(frontend: desired.Frontend, service: model.Service) -> str:
+    """The name of a frontend's filter chain: see the module."""
     host = f"[{frontend.address}]" if frontend.address.version == 6 else str(frontend.address)
     return f"{host}:{frontend.port}|{service.name}.{service.namespace}"
 
@@ -242,6 +244,7 @@ def for_service_port(
 
 
 def missing_service_problem(name: desired.ServicePortName) -> model.Problem:
+    """Why a service-port state whose Service (port) is not at hand is not served."""
     ref = model.ObjectRef("Service", name.namespace, name.name)
     return model.Problem(ref=str(ref), reason=f"no Service port for {name}: not served to sidecars")
 
@@ -254,10 +257,10 @@ def fixed_clusters(options: Options) -> tuple[cluster_pb2.Cluster, ...]:
 def outbound_listener(
     parts: Iterable[PortResources], *, options: Options
 ) -> tuple[listener_pb2.Listener, list[model.Problem]]:
-    """The outbound listener with a chain per frontend of `parts` (in their order).
+    """The outbound listener with a chain per frontend of `parts`, in frontend order.
 
     Envoy rejects a listener with two chains of the same match, so a frontend claimed twice (the
-    planner prevents it) keeps its first claim and the other is reported.
+    planner prevents it) keeps the claim of the earlier part and the other is reported.
     """
     chains: list[Chain] = []
     claimed: dict[tuple[model.IPAddress, int], Chain] = {}
@@ -347,9 +350,9 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return value
 
 
-def _pack(message: object) -> any_pb2.Any:
+def _pack(message: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
-    packed.Pack(message)  # type: ignore[arg-type]
+    packed.Pack(message)
     return packed
 
 

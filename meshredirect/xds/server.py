@@ -116,7 +116,7 @@ class _AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         reader = threading.Thread(target=_pump, args=(request_iterator, inbox), name="xds-requests", daemon=True)
         reader.start()
         try:
-            yield from _serve(ads, inbox, self._hub)
+            yield from _serve(ads, inbox=inbox, hub=self._hub)
         finally:
             self._hub.detach(inbox)
             log.info("xds_stream_closed", node=ads.node, peer=ads.peer)
@@ -134,8 +134,9 @@ def _pump(requests: Iterator[discovery_pb2.DiscoveryRequest], inbox: queue.Simpl
 
 
 def _serve(
-    ads: stream.AdsStream, inbox: queue.SimpleQueue[_Note], hub: _Hub
+    ads: stream.AdsStream, *, inbox: queue.SimpleQueue[_Note], hub: _Hub
 ) -> Iterator[discovery_pb2.DiscoveryResponse]:
+    """The stream's responses, as its requests and new snapshots come, until it is closed."""
     while True:
         note = inbox.get()
         if isinstance(note, _Closed):

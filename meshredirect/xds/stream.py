@@ -3,12 +3,15 @@
 Sans I/O: the server hands the stream each request the sidecar sends and each new snapshot, and
 sends the responses it returns, in that order. The rules it owns:
 
-- Per type, a response goes out when the sidecar is subscribed and the snapshot's version or the
-  names it asked for differ from what it was last sent. A fresh stream has been sent nothing, so
-  a reconnecting sidecar always gets the current snapshot, whatever version it says it holds.
+- Per type, a response is due when the sidecar asks for a name the last one did not hold, or the
+  snapshot's version moved; asking for fewer names needs none.
+- A fresh stream has been sent nothing, so a reconnecting sidecar always gets the current
+  snapshot, whatever version it says it holds.
 - Responses go out in CDS, EDS, LDS, RDS order. Every CDS response is followed by an EDS one and
   every LDS response by an RDS one, even when the endpoints or routes did not change: a cluster
-  or listener that Envoy replaces warms again until its endpoints or routes arrive.
+  or listener that Envoy replaces warms again until its endpoints or routes arrive. That EDS
+  (RDS) response also holds the endpoints (routes) of the clusters (listeners) just added, so a
+  new cluster is warm before the listener that leads to it arrives (make before break).
 - A request whose nonce is not the last one sent for its type answers an older response: it is
   ignored (the sidecar sends another once it has read the newer one).
 - A NACK (a request with error_detail) is logged with Envoy's message and the rejected version,
@@ -93,7 +96,7 @@ class AdsStream:
             self._log.debug("xds_stale_request", type=type_url.short, nonce=request.response_nonce)
             return []
         if request.response_nonce and request.response_nonce == watch.nonce:
-            self._settle(type_url, watch, request)
+            self._settle(type_url, watch=watch, request=request)
         watch.subscribed = True
         watch.names = _requested_names(type_url, request)
         return self.due(current)
@@ -107,7 +110,7 @@ class AdsStream:
         for type_url in snap.PUSH_ORDER:
             watch = self._watches[type_url]
             if self._needs(watch, current.version(type_url)):
-                responses.append(self._respond(type_url, watch, current))
+                responses.append(self._respond(type_url, watch=watch, current=current))
         return responses
 
     def status(self) -> StreamStatus:
@@ -124,7 +127,7 @@ class AdsStream:
             self._log.info("xds_stream_opened", cluster=request.node.cluster,
                            envoy=_envoy_version(request.node))
 
-    def _settle(self, type_url: snap.TypeUrl, watch: _Watch, request: discovery_pb2.DiscoveryRequest) -> None:
+    def _settle(self, type_url: snap.TypeUrl, *, watch: _Watch, request: discovery_pb2.DiscoveryRequest) -> None:
         """An ACK or NACK of the last response of this type."""
         if not request.HasField("error_detail"):
             watch.acked_version = request.version_info
@@ -141,18 +144,24 @@ class AdsStream:
     def _needs(self, watch: _Watch, version: str) -> bool:
         if not watch.subscribed:
             return False
-        asked_anew = watch.names != watch.sent_names or watch.sent_version is None
+        asked_anew = watch.sent_version is None or not _covers(watch.sent_names, watch.names)
         if version in watch.rejected and not asked_anew:
             return False
         return asked_anew or watch.follow_up or version != watch.sent_version
 
     def _respond(
-        self, type_url: snap.TypeUrl, watch: _Watch, current: snap.Snapshot
+        self, type_url: snap.TypeUrl, *, watch: _Watch, current: snap.Snapshot
     ) -> discovery_pb2.DiscoveryResponse:
         version = current.version(type_url)
-        resources = current.resources(type_url, watch.names)
+        names = watch.names
+        if watch.follow_up and names is not None:
+            # Following clusters (listeners) just sent: add the endpoints (routes) of the new
+            # ones, which Envoy subscribes to while it applies them, before it reads this. They
+            # then warm at once, before the listener that leads to them arrives.
+            names = names | frozenset(current.types[type_url].resources)
+        resources = current.resources(type_url, names)
         nonce = str(next(self._nonces))
-        watch.sent_version, watch.sent_names, watch.nonce, watch.follow_up = version, watch.names, nonce, False
+        watch.sent_version, watch.sent_names, watch.nonce, watch.follow_up = version, names, nonce, False
         follower = _FOLLOWERS.get(type_url)
         if follower is not None:
             self._watches[follower].follow_up = True
@@ -164,6 +173,14 @@ class AdsStream:
 
 # Whose response must follow whose (see the module docstring).
 _FOLLOWERS = {snap.TypeUrl.CLUSTER: snap.TypeUrl.ENDPOINT, snap.TypeUrl.LISTENER: snap.TypeUrl.ROUTE}
+
+
+def _covers(sent: frozenset[str] | None, asked: frozenset[str] | None) -> bool:
+    """Whether the last response held everything now asked for (a wildcard only covers a
+    wildcard); asking for fewer names needs no new response."""
+    if sent is None or asked is None:
+        return sent is None and asked is None
+    return asked <= sent
 
 
 def _requested_names(type_url: snap.TypeUrl, request: discovery_pb2.DiscoveryRequest) -> frozenset[str] | None:

@@ -12,7 +12,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -63,8 +63,10 @@ class Mesh:
 
     def publish(self) -> snapshot.Snapshot:
         assert self.server is not None
-        services = [s for s in self.objects.objects("Service") if isinstance(s, model.Service)]
-        return self.server.publish(self.planner.state().service_ports, services)
+        return self.server.publish(self.planner.state().service_ports, self.services())
+
+    def services(self) -> list[model.Service]:
+        return [s for s in self.objects.objects("Service") if isinstance(s, model.Service)]
 
     # --- pods -------------------------------------------------------------------------------------
 
@@ -98,7 +100,7 @@ class Mesh:
 
 
 @pytest.fixture
-def require_envoy(unavailable) -> None:  # type: ignore[no-untyped-def]
+def require_envoy(unavailable: Callable[[str], None]) -> None:
     try:
         envoy.envoy_binary()
     except ctlb_lab.LabError as exc:

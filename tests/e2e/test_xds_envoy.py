@@ -62,7 +62,8 @@ def test_app_reaches_http_service_backend_through_the_sidecar(mesh: Mesh, cluste
     entry = _logged(sidecar, cluster=cluster)
     assert entry["original_dst"] == f"{host}:80", "Envoy saw the Service address as the original destination"
     assert entry["upstream"] == (f"[{backend_ip}]:8080" if family == "v6" else f"{backend_ip}:8080")
-    assert answer["peer"] in {str(mesh.client.ipv4), str(mesh.client.ipv6)}  # type: ignore[union-attr]
+    assert mesh.client is not None
+    assert answer["peer"] in {str(mesh.client.ipv4), str(mesh.client.ipv6)}
     assert sidecar.stat(f"cluster.{cluster}.upstream_rq_200") == 1
     assert sidecar.stat(f"http.{cluster}.downstream_rq_total") == 1
 
@@ -131,8 +132,7 @@ def test_bad_listener_is_nacked_once_and_good_updates_after_it_apply(mesh: Mesh)
     web, api = mesh.backend("web-1"), mesh.backend("api-1")
     mesh.apply(*_web(web))
     sidecar = mesh.meshed_client()
-    services = mesh.objects.objects("Service")
-    good = resources.build(mesh.planner.state().service_ports, services, options=server.options)  # type: ignore[arg-type]
+    good = resources.build(mesh.planner.state().service_ports, mesh.services(), options=server.options)
 
     rejected = server.publish_resources(_with_duplicate_chain(good))
 
@@ -151,7 +151,9 @@ def test_bad_listener_is_nacked_once_and_good_updates_after_it_apply(mesh: Mesh)
 
     sidecar.wait_for("the good listener", lambda: sidecar.stat("listener_manager.lds.update_success") >= 2)
     assert mesh.curl("http://10.96.0.30/")["backend"] == "api-1"
-    assert server.streams()[0].acked["LDS"] == server.current.version(LDS)  # type: ignore[union-attr]
+    current = server.current
+    assert current is not None
+    sidecar.wait_for("the ACK", lambda: server.streams()[0].acked["LDS"] == current.version(LDS))
 
 
 def test_sidecar_reconnecting_to_a_restarted_server_gets_the_current_snapshot(mesh: Mesh) -> None:

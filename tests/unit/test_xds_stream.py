@@ -105,6 +105,26 @@ def test_cluster_change_is_followed_by_endpoints_even_when_they_did_not_change()
     assert responses[1].version_info == before.version(EDS)
 
 
+def test_new_clusters_get_their_endpoints_before_the_listener_that_leads_to_them() -> None:
+    before = _snapshot("10.244.0.5")
+    ads = _subscribed(before)
+    after = _snapshot("10.244.0.5", port=81)  # the port is in the cluster names: new clusters
+    cds, eds, lds, rds = ads.due(after)
+    assert {r.type_url for r in (cds, eds, lds, rds)} == {CDS.value, EDS.value, LDS.value, RDS.value}
+    new = {"outbound|81|v4|web.shop", "outbound|81|v6|web.shop"}
+    assert new <= set(after.types[EDS].resources)
+    assert len(eds.resources) == 2, "the endpoints of the new clusters, not yet subscribed to"
+    assert len(rds.resources) == 2
+    # Envoy then subscribes to exactly those names: it has them, nothing more is sent.
+    assert _ack(ads, eds, after, *new) == []
+
+
+def test_asking_for_fewer_names_needs_no_response() -> None:
+    current = _snapshot("10.244.0.5")
+    ads = _subscribed(current)
+    assert ads.on_request(_request(EDS, WEB4), current) == []
+
+
 def test_unchanged_snapshot_sends_nothing() -> None:
     current = _snapshot("10.244.0.5")
     ads = _subscribed(current)
