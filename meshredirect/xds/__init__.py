@@ -7,7 +7,7 @@ over ADS from the same desired state CTLB programs.
 
 from meshredirect.xds.errors import XdsError
 from meshredirect.xds.resources import DEFAULT_OUTBOUND_PORT, Options
-from meshredirect.xds.server import XdsServer
+from meshredirect.xds.server import DEFAULT_SOCKET_NAME, XdsServer
 from meshredirect.xds.snapshot import Snapshot
 
-__all__ = ["DEFAULT_OUTBOUND_PORT", "Options", "Snapshot", "XdsError", "XdsServer"]
+__all__ = ["DEFAULT_OUTBOUND_PORT", "DEFAULT_SOCKET_NAME", "Options", "Snapshot", "XdsError", "XdsServer"]

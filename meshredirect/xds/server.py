@@ -34,6 +34,9 @@ from meshredirect.xds import addresses, errors, resources, snapshot, stream
 
 log = structlog.get_logger()
 
+# The node-local socket's name in the agent's run directory: `unix:/run/ctlb/xds.sock` by default,
+# as the sample bootstrap (deploy/envoy-sidecar-bootstrap.yaml) expects.
+DEFAULT_SOCKET_NAME = "xds.sock"
 DEFAULT_MAX_STREAMS = 512
 # Sidecars run as their own UID (1337) and must be able to connect: the socket is not secret
 # (Service addresses and endpoints), and it is read-only for them.
