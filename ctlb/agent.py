@@ -11,14 +11,17 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
 from ctlb import datapath, desired, model, planner, statefile
 from ctlb.datapath import cgroup, reconcile, sockdiag
 from ctlb.sources import manifests, store
-from meshredirect import control, switch
+from meshredirect import control, switch, xdsfeed
+
+if TYPE_CHECKING:
+    from meshredirect.xds import XdsServer
 
 log = structlog.get_logger()
 
@@ -34,6 +37,8 @@ class AgentConfig:
     interval: float = 0.2  # seconds between looks at the source
     kubeconfig: pathlib.Path | None = None  # None: in-cluster config (API source only)
     mesh: switch.MeshSettings = field(default_factory=switch.MeshSettings)
+    # Where the node's xDS server listens (`unix:/path`, `host:port`); empty: no xDS server.
+    xds_listen: tuple[str, ...] = ()
 
 
 class Source(Protocol):
@@ -120,7 +125,7 @@ def _now() -> str:
 
 class Agent:
     def __init__(self, config: AgentConfig, *, source: Source, objects: store.ObjectStore,
-                 dp: datapath.Datapath) -> None:
+                 dp: datapath.Datapath, xds_server: XdsServer | None = None) -> None:
         self.config = config
         self.source = source
         self.store = objects
@@ -128,6 +133,8 @@ class Agent:
         self.planner = planner.Planner(config.node_name)
         self.mesh = control.MeshControl(pinned=dp.pinned, settings=config.mesh, node_name=config.node_name,
                                         cgroup_root=config.cgroup, cgroup_mount=cgroup.cgroup2_mount())
+        # Sidecars are served only while this node has some: building Envoy's config costs.
+        self.xds = None if xds_server is None else xdsfeed.XdsFeed(xds_server, wanted=lambda: self.mesh.meshed > 0)
         self._udp_backends = sockdiag.UdpBackends()
         self._gc_thresholds = gc.get_threshold()
         self._reported: set[model.Problem] = set()
@@ -154,7 +161,10 @@ class Agent:
             if pods_moved:
                 self.mesh.update(self.store)
             source_problems = self.store.problems()
+            services = self.store.objects("Service") if self.xds is not None else []
         plan = self.planner.state()
+        if self.xds is not None:
+            self.xds.offer(plan.service_ports, [s for s in services if isinstance(s, model.Service)])
         decided = time.perf_counter()
         outcome = self.datapath.apply(plan, hint=None if first else changed)
         if pods_moved:
@@ -274,6 +284,17 @@ class Agent:
             log.info("source_status", **status)
 
 
+def _start_xds(config: AgentConfig) -> XdsServer | None:
+    if not config.xds_listen:
+        return None
+    from meshredirect import xds  # grpc and Envoy's protobufs: loaded only when serving xDS
+
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    server = xds.XdsServer(config.xds_listen, options=xds.Options(outbound_port=config.mesh.outbound_port))
+    server.start()
+    return server
+
+
 def run(config: AgentConfig, *, stop: threading.Event) -> None:
     """Runs the agent until `stop` is set. The datapath stays in place when it returns."""
     log.info("agent_starting", node=config.node_name, cgroup=str(config.cgroup), bpffs=str(config.bpffs))
@@ -284,9 +305,16 @@ def run(config: AgentConfig, *, stop: threading.Event) -> None:
         source = ManifestSource(config.manifests, objects=objects, interval=config.interval)
     else:
         source = ApiSource(objects, kubeconfig=config.kubeconfig, node_name=config.node_name)
+    xds_server = _start_xds(config)
+    the_agent = None
     try:
-        Agent(config, source=source, objects=objects, dp=dp).run(stop)
+        the_agent = Agent(config, source=source, objects=objects, dp=dp, xds_server=xds_server)
+        the_agent.run(stop)
     finally:
+        if the_agent is not None and the_agent.xds is not None:
+            the_agent.xds.close()
+        elif xds_server is not None:
+            xds_server.stop()
         source.close()
         dp.close()
         log.info("agent_stopped", datapath="left in place")

@@ -44,6 +44,7 @@ class MeshControl:
         self._cgroups: dict[str, cgroups.PodCgroup] = {}
         self._placed: dict[str, podmap.PodPlacement] = {}
         self._table_problems: tuple[model.Problem, ...] = ()
+        self.meshed = 0  # meshed pods in the datapath; read by other threads
 
     @staticmethod
     def touched_by(changes: store.Changes | None) -> bool:
@@ -75,6 +76,7 @@ class MeshControl:
         if outcome.writes:
             self._log_moves(self._placed, placements)
         self._placed = placements
+        self.meshed = sum(p.mode.meshed for p in placements.values())
         return outcome.writes
 
     @property

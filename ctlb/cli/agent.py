@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"uid of the sidecar proxy, whose connections are never redirected (default {mesh.sidecar_uid})")
     p.add_argument("--sidecar-port", type=_port, default=mesh.outbound_port,
                    help=f"the sidecar's outbound port on loopback (default {mesh.outbound_port})")
+    p.add_argument("--xds-listen", action="append", default=None, metavar="ADDR",
+                   help="where the sidecars' xDS server listens: unix:/path or host:port (repeatable; "
+                        "default unix:<run dir>/xds.sock; 'none' for no xDS server)")
     p.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None,
                    help="JSON log lines (default: when stderr is not a terminal)")
     p.set_defaults(func=run)
@@ -67,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir=args.run_dir,
         sizes=datapath.MapSizes(frontends=args.max_frontends, backends=args.max_backends,
                                 revnat=args.max_revnat, affinity=args.max_affinity),
+        xds_listen=_xds_listen(args.xds_listen, run_dir=args.run_dir),
         mesh=switch.MeshSettings(
             namespace_labels=tuple(args.mesh_label) if args.mesh_label else switch.MeshSettings().namespace_labels,
             opt_out_key=args.mesh_opt_out, sidecar_uid=args.sidecar_uid, outbound_port=args.sidecar_port),
@@ -89,3 +93,9 @@ def _port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
     return int(text)
+
+
+def _xds_listen(given: list[str] | None, *, run_dir: pathlib.Path) -> tuple[str, ...]:
+    if given is None:
+        return (f"unix:{run_dir / 'xds.sock'}",)
+    return tuple(a for a in given if a != "none")
