@@ -75,7 +75,32 @@
 /* Frontend flags (struct lb_frontend.flags). */
 enum lb_flags {
 	LB_F_AFFINITY = 1 << 0, /* ClientIP session affinity; timeout in affinity_timeout */
+	LB_F_DROP = 1 << 1,     /* with count 0: drop (the client times out) instead of refusing */
 };
+
+/* The drop destination. A connection that must be dropped is not refused: it is sent here, port
+ * kept, and ctlb_egress (bpf/drop.c), attached to the same cgroup, discards every packet to it
+ * before it leaves the socket's network namespace, so the client sees what a DROP rule gives it.
+ * A socket always reaches this address through its default route (connect() and sendmsg() do a
+ * route lookup), so these must be ordinary unicast addresses to Linux, yet never a real peer:
+ *   - IPv4 192.0.0.8: the "IPv4 dummy address" (RFC 7600), which IANA's special-purpose registry
+ *     (RFC 6890) marks valid as a source only, never as a destination, and not forwardable. No
+ *     host can be reached at it and routers must not pass it on; it lies outside 192.0.0.0/29,
+ *     which DS-Lite and 464XLAT (192.0.0.4) do use as addresses. The rest of the candidates are
+ *     in real use: 0/8 is "this host" to Linux, 127/8 reaches the pod's own listeners, 240/4,
+ *     100.64/10, 198.18/15 and the TEST-NETs serve as pod, CGNAT, fake-IP and lab ranges.
+ *   - IPv6 100::1: in 100::/64, the discard-only prefix (RFC 6666), which networks route to a
+ *     blackhole by design.
+ * The programs hold them in host byte order; the IPv6 address as four 32-bit words. */
+#define CTLB_DROP_ADDR4 0xc0000008U /* 192.0.0.8 */
+#define CTLB_DROP_ADDR6_0 0x01000000U /* 100::1 */
+#define CTLB_DROP_ADDR6_1 0x00000000U
+#define CTLB_DROP_ADDR6_2 0x00000000U
+#define CTLB_DROP_ADDR6_3 0x00000001U
+
+/* Frontend flags under which a connection may be sent to the drop address: user space keeps
+ * ctlb_egress attached while some frontend carries one. */
+#define CTLB_NEEDS_EGRESS (LB_F_DROP)
 
 /* State of a frontend table slot (lb4_key.state, lb6_key.state). */
 enum lb_slot_state {
@@ -113,7 +138,8 @@ struct lb_frontend {
 	__u32 svc_id;           /* stable id of the service port: affinity and trace key */
 	__u32 set_id;           /* backend set; every backend slot of the set carries it */
 	__u32 set_start;        /* first slot of the set in ctlb_be4_v2/ctlb_be6_v2 (a contiguous range) */
-	__u32 count;            /* backends in the set; 0 means refuse (ECONNREFUSED) */
+	__u32 count;            /* backends in the set; 0 means refuse (ECONNREFUSED), or drop
+				 * when LB_F_DROP is set */
 	__u32 affinity_timeout; /* seconds; used when LB_F_AFFINITY is set */
 	__u32 flags;            /* enum lb_flags */
 };

@@ -11,6 +11,9 @@
  * Entry points (ctlb_*) are thin: the workers return 0 (translated), -ENOENT (not a frontend:
  * leave the socket alone) or another -errno, and only the entry point turns that into a verdict.
  *
+ * Dropping is a translation too: the socket is sent to the drop address (ctlb.h), where
+ * ctlb_egress (drop.c) discards its packets. See lb4_drop_dest() below.
+ *
  * Cost: see the header. The translating path reads ARRAY maps only (lookups inlined by the
  * verifier) and calls one helper, bpf_get_socket_cookie(); bpf_jiffies64() is inlined too. The
  * pick mixes the cookie (new for every socket) with jiffies instead of calling
@@ -497,28 +500,52 @@ static __always_inline void lb4_sock_remember(struct lb4_sock *sk, __u64 cookie,
 	p->fe_port = fe_port;
 }
 
-/* Frontend -> backend. On 0, *out holds the backend to write into the context. */
+/* The drop action: a connection that must be dropped, not refused, is translated to the drop
+ * address (ctlb.h), its port kept, like to a backend. Its packets then never leave the node:
+ * ctlb_egress (drop.c) discards them at the socket's cgroup, so a TCP connect times out after
+ * its SYN retransmits and a UDP send succeeds with nothing delivered, as behind a DROP rule;
+ * nothing ever goes to the Service address or a real host.
+ *
+ * To drop from another path: fill the backend with lb4_drop_dest() (lb6_drop_dest()) and go on
+ * as if it had been picked, so the socket's slot remembers the frontend and getpeername() of a
+ * connected UDP socket still shows the address the client dialled. ctlb_egress must be attached
+ * while any frontend may drop: user space attaches it while a frontend carries a flag of
+ * CTLB_NEEDS_EGRESS (ctlb.h). */
+static __always_inline void lb4_drop_dest(__be16 port, struct lb4_backend *out)
+{
+	out->addr = bpf_htonl(CTLB_DROP_ADDR4);
+	out->port = port;
+}
+
+/* Frontend -> backend. On 0, *out holds the backend to write into the context: a backend of
+ * the set, or the drop address (LB_F_DROP and no backends). */
 static __always_inline int __sock4_xlate_fwd(void *ctx, __be32 daddr, __be16 dport, __u8 proto,
 					     bool connect, struct lb4_backend *out)
 {
 	struct lb_frontend fe;
 	struct lb4_sock *sk;
 	__u64 cookie;
+	bool drop;
 	int ret;
 
 	if (lb4_lookup_frontend(daddr, dport, proto, &fe))
 		return -ENOENT;
-	if (fe.count == 0 || fe.count > CTLB_SET_MAX)
+	drop = fe.count == 0 && (fe.flags & LB_F_DROP);
+	if ((fe.count == 0 && !drop) || fe.count > CTLB_SET_MAX)
 		return -ECONNREFUSED;
 	cookie = bpf_get_socket_cookie(ctx);
 	sk = lb4_sock_slot(cookie);
 	if (!sk)
 		return -ENOENT;
-	if (!connect && !(fe.flags & LB_F_AFFINITY) && lb4_sock_sticky(sk, cookie, daddr, dport, &fe, out))
-		return 0;
-	ret = lb4_pick_backend(ctx, &fe, cookie, out);
-	if (ret)
-		return ret;
+	if (drop) {
+		lb4_drop_dest(dport, out);
+	} else {
+		if (!connect && !(fe.flags & LB_F_AFFINITY) && lb4_sock_sticky(sk, cookie, daddr, dport, &fe, out))
+			return 0;
+		ret = lb4_pick_backend(ctx, &fe, cookie, out);
+		if (ret)
+			return ret;
+	}
 	lb4_sock_remember(sk, cookie, connect, daddr, dport, &fe, out);
 	return 0;
 }
@@ -841,27 +868,43 @@ static __always_inline void lb6_sock_remember(struct lb6_sock *sk, __u64 cookie,
 	p->fe_port = fe_port;
 }
 
+/* The drop action for IPv6 sockets: see lb4_drop_dest(). */
+static __always_inline void lb6_drop_dest(__be16 port, struct lb6_backend *out)
+{
+	out->addr[0] = bpf_htonl(CTLB_DROP_ADDR6_0);
+	out->addr[1] = bpf_htonl(CTLB_DROP_ADDR6_1);
+	out->addr[2] = bpf_htonl(CTLB_DROP_ADDR6_2);
+	out->addr[3] = bpf_htonl(CTLB_DROP_ADDR6_3);
+	out->port = port;
+}
+
 static __always_inline int __sock6_xlate_fwd(void *ctx, const __be32 *daddr, __be16 dport,
 					     __u8 proto, bool connect, struct lb6_backend *out)
 {
 	struct lb_frontend fe;
 	struct lb6_sock *sk;
 	__u64 cookie;
+	bool drop;
 	int ret;
 
 	if (lb6_lookup_frontend(daddr, dport, proto, &fe))
 		return -ENOENT;
-	if (fe.count == 0 || fe.count > CTLB_SET_MAX)
+	drop = fe.count == 0 && (fe.flags & LB_F_DROP);
+	if ((fe.count == 0 && !drop) || fe.count > CTLB_SET_MAX)
 		return -ECONNREFUSED;
 	cookie = bpf_get_socket_cookie(ctx);
 	sk = lb6_sock_slot(cookie);
 	if (!sk)
 		return -ENOENT;
-	if (!connect && !(fe.flags & LB_F_AFFINITY) && lb6_sock_sticky(sk, cookie, daddr, dport, &fe, out))
-		return 0;
-	ret = lb6_pick_backend(ctx, &fe, cookie, out);
-	if (ret)
-		return ret;
+	if (drop) {
+		lb6_drop_dest(dport, out);
+	} else {
+		if (!connect && !(fe.flags & LB_F_AFFINITY) && lb6_sock_sticky(sk, cookie, daddr, dport, &fe, out))
+			return 0;
+		ret = lb6_pick_backend(ctx, &fe, cookie, out);
+		if (ret)
+			return ret;
+	}
 	lb6_sock_remember(sk, cookie, connect, daddr, dport, &fe, out);
 	return 0;
 }

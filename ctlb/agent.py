@@ -135,7 +135,8 @@ class Agent:
                                         cgroup_root=config.cgroup, cgroup_mount=cgroup.cgroup2_mount())
         # Sidecars are served only while this node has some: building Envoy's config costs.
         self.xds = None if xds_server is None else xdsfeed.XdsFeed(xds_server, wanted=lambda: self.mesh.meshed > 0)
-        self._udp_backends = sockdiag.UdpBackends()
+        # Seeded from the maps as adopted, before the first apply changes them.
+        self._pinned = sockdiag.PinnedPeers(sockdiag.programmed_peers(dp.reconciler.programmed))
         self._gc_thresholds = gc.get_threshold()
         self._reported: set[model.Problem] = set()
         # The desired view's digest, kept as a sum over service ports so a change costs its port.
@@ -170,7 +171,7 @@ class Agent:
         if pods_moved:
             self._tend_pods()
         programmed = time.perf_counter()
-        self._end_stale_udp_flows(changed, plan)
+        self._end_stale_flows(changed, plan)
         problems = sorted({*source_problems, *plan.problems, *outcome.problems, *self.mesh.problems})
         self._report(problems)
         names_changed = self._record(plan, changed, outcome, problems)
@@ -200,13 +201,15 @@ class Agent:
             if self.state.syncs:
                 statefile.write(self.config.run_dir, self.state, names=False)
 
-    def _end_stale_udp_flows(self, moved: planner.Moved, plan: desired.DesiredState) -> None:
-        """Connected UDP sockets keep the backend they got at connect: when it serves no UDP
-        Service any more, end them so the application's next socket is balanced afresh."""
-        gone = self._udp_backends.update(moved, plan.service_ports)
-        if gone and self.state.syncs > 0:
-            destroyed = sockdiag.destroy_udp_sockets_to(gone, cgroup=self.config.cgroup)
-            log.info("stale_udp_flows_ended", backends=sorted(str(b) for b in gone), sockets=destroyed)
+    def _end_stale_flows(self, moved: planner.Moved, plan: desired.DesiredState) -> None:
+        """Connected UDP sockets keep the backend they got at connect, and dropped sockets the
+        drop address: when that peer serves them no more, end them so the application's next
+        socket is balanced afresh. Then the drop action's program may go, if unused."""
+        gone = self._pinned.update(moved, plan.service_ports)
+        if gone:
+            destroyed = sockdiag.destroy_sockets_to(gone, cgroup=self.config.cgroup)
+            log.info("stale_udp_flows_ended", peers=sorted(str(p) for p in gone), sockets=destroyed)
+        self.datapath.release_unused()
 
     def _report(self, problems: Sequence[model.Problem]) -> None:
         """Logs each problem once, when it appears, and says when it is gone."""

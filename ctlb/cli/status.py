@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from ctlb import statefile
 from ctlb.cli import common
-from ctlb.datapath import inspect, programs, reconcile
+from ctlb.datapath import inspect, programs, reconcile, tables
 
 EPILOG = """examples:
   ctlb status             # table; exit 0 only when the datapath matches the source
@@ -51,8 +51,11 @@ def collect(args: argparse.Namespace) -> Status:
         st.maps = [{"map": f.name, "entries": f.entries, "max_entries": f.max_entries} for f in found.fill]
         st.frontends = len(found.programmed.frontends)
         st.backends = sum(len(b) for b in found.programmed.sets.values())
-        if len(found.attachments) != len(programs.HOOKS):
-            st.reasons.append(f"{len(found.attachments)} of {len(programs.HOOKS)} programs attached")
+        missing = _missing_hooks(found)
+        if missing:
+            expected = _expected_hooks(found)
+            st.reasons.append(f"{len(expected) - len(missing)} of {len(expected)} programs attached "
+                              f"(missing: {', '.join(missing)})")
     if agent is None:
         st.reasons.append(f"no agent state in {args.run_dir}")
     else:
@@ -76,6 +79,17 @@ def collect(args: argparse.Namespace) -> Status:
             st.reasons.append("agent has not synced yet")
     st.in_sync = not st.reasons
     return st
+
+
+def _expected_hooks(found: inspect.Inspection) -> tuple[programs.Hook, ...]:
+    """Every hook, and the drop action's egress hook only while a programmed frontend needs it."""
+    egress = any(v.flags & tables.NEEDS_EGRESS for v in found.programmed.frontends.values())
+    return programs.expected_hooks(egress=egress)
+
+
+def _missing_hooks(found: inspect.Inspection) -> list[str]:
+    attached = {a.hook for a in found.attachments}
+    return [h.name for h in _expected_hooks(found) if h.name not in attached]
 
 
 def run(args: argparse.Namespace) -> int:
