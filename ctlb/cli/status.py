@@ -63,6 +63,7 @@ def collect(args: argparse.Namespace) -> Status:
                     "last_sync": agent.last_sync, "syncs": agent.syncs, "cgroup": agent.cgroup}
         st.problems = agent.problems
         st.agent["source_status"] = agent.source_status
+        st.agent["mesh"] = agent.mesh
         stale = agent.source_status.get("stale_since")
         if stale:
             error = agent.source_status.get("last_error")
@@ -109,6 +110,12 @@ def render(st: Status) -> str:
                    f"node {st.agent['node']}, {st.agent['source']}")
         out.append(f"Last sync:   {st.agent['last_sync']} ({st.agent['syncs']} syncs)")
     out.append(f"Programmed:  {st.frontends} frontends, {st.backends} backend slots")
+    mesh = st.agent.get("mesh") if st.agent else None
+    if isinstance(mesh, dict) and mesh:
+        out.append(f"Pods:        {mesh.get('pods', 0)} on this node, {mesh.get('meshed', 0)} in the mesh")
+        waiting = mesh.get("waiting") or []
+        if waiting:
+            out.append(f"  - no cgroup found yet for: {', '.join(str(w) for w in waiting)}")
     if st.attached:
         out += ["", common.table(["HOOK", "PROGRAM", "PROG ID", "CGROUP ID"],
                                  [[str(a["hook"]), str(a["program"]), str(a["prog_id"]), str(a["cgroup_id"])]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import pathlib
+import dataclasses
 from dataclasses import dataclass
 
 import structlog
@@ -33,10 +34,14 @@ CGROUP_UDP4_RECVMSG = 19
 CGROUP_UDP6_RECVMSG = 20
 CGROUP_INET4_GETPEERNAME = 29
 CGROUP_INET6_GETPEERNAME = 30
+CGROUP_SOCK_OPS = 3
+CGROUP_GETSOCKOPT = 21
 
 # enum bpf_prog_type (uapi/linux/bpf.h); bcc 0.26's Python lacks some (CGROUP_SOCKOPT).
 PROG_CGROUP_SKB = 8
+PROG_SOCK_OPS = 13
 PROG_CGROUP_SOCK_ADDR = 18
+PROG_CGROUP_SOCKOPT = 25
 
 # The program files, one per hook family, compiled as one source: bcc compiles one source per
 # BPF object, at ~0.4 s of fixed cost each, and makes programs only of the functions of its main
@@ -73,6 +78,9 @@ HOOKS: tuple[Hook, ...] = (
     Hook("ctlb_sendmsg6", CGROUP_UDP6_SENDMSG),
     Hook("ctlb_recvmsg6", CGROUP_UDP6_RECVMSG),
     Hook("ctlb_getpeer6", CGROUP_INET6_GETPEERNAME),
+    # The sidecar mesh: record redirected connections, answer SO_ORIGINAL_DST.
+    Hook("ctlb_sockops", CGROUP_SOCK_OPS, PROG_SOCK_OPS),
+    Hook("ctlb_getsockopt", CGROUP_GETSOCKOPT, PROG_CGROUP_SOCKOPT),
     EGRESS,
 )
 
@@ -89,6 +97,9 @@ class MapSizes:
     backends: int = 524288  # backend slots per family
     revnat: int = 262144  # per-socket reverse-NAT slots per family (rounded up to a power of two)
     affinity: int = 131072
+    pods: int = 4096  # pods of this node
+    mesh_rules: int = 65536  # per map: mesh exclusion ranges and ports, all pods together
+    mesh_conns: int = 65536  # per family: original destinations of redirected connections
 
     @property
     def frontend_slots(self) -> int:
@@ -113,7 +124,15 @@ class MapSizes:
             return self.sock_slots
         if name in maps.REVNAT.values():
             return self.revnat_spill
-        return self.affinity
+        if name in maps.AFFINITY.values():
+            return self.affinity
+        if name == maps.SETTINGS:
+            return 1
+        if name == maps.PODS:
+            return self.pods
+        if name in maps.MESH_CONNS.values():
+            return self.mesh_conns
+        return self.mesh_rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +183,7 @@ def sizes_of_pins(bpffs: pathlib.Path, sizes: MapSizes) -> MapSizes:
             os.close(fd)
     frontends = found[maps.FRONTENDS[4]] // 2 if maps.FRONTENDS[4] in found else sizes.frontends
     revnat = found.get(maps.SOCKETS[4], sizes.revnat)
-    return MapSizes(frontends=frontends, backends=sizes.backends, revnat=revnat, affinity=sizes.affinity)
+    return dataclasses.replace(sizes, frontends=frontends, revnat=revnat)
 
 
 def compile_and_load(bpffs: pathlib.Path, sizes: MapSizes) -> tuple[object, dict[str, int]]:
@@ -184,6 +203,9 @@ def compile_and_load(bpffs: pathlib.Path, sizes: MapSizes) -> tuple[object, dict
         f"-DCTLB_SOCK_SLOTS={sizes.sock_slots}",
         f"-DCTLB_REVNAT_MAX={sizes.revnat_spill}",
         f"-DCTLB_AFFINITY_MAX={sizes.affinity}",
+        f"-DCTLB_PODS_MAX={sizes.pods}",
+        f"-DCTLB_MESH_RULES_MAX={sizes.mesh_rules}",
+        f"-DCTLB_MESH_CONNS_MAX={sizes.mesh_conns}",
         "-w",
     ]
     try:

@@ -46,6 +46,19 @@ def test_drop_addresses_are_outside_every_range_in_real_use() -> None:
     assert tables.DROP_ADDR6 in ipaddress.ip_network("100::/64")
 
 
+def test_pod_flags_and_range_kinds_match_the_header() -> None:
+    from meshredirect import podmap
+
+    flags = re.search(r"enum pod_flags \{(.*?)\};", _header(), re.S)
+    kinds = re.search(r"enum mesh_range_kind \{(.*?)\};", _header(), re.S)
+    assert flags is not None and kinds is not None
+    c_flags = {name: 1 << int(bit) for name, bit in re.findall(r"(POD_F_\w+)\s*=\s*1\s*<<\s*(\d+)", flags[1])}
+    assert c_flags == {name: getattr(podmap, name) for name in c_flags}
+    assert set(c_flags) == {name for name in vars(podmap) if name.startswith("POD_F_")}
+    c_kinds = {name: int(v) for name, v in re.findall(r"(MESH_RANGE_\w+)\s*=\s*(\d+)", kinds[1])}
+    assert c_kinds == {"MESH_RANGE_INCLUDE": podmap.MESH_RANGE_INCLUDE, "MESH_RANGE_EXCLUDE": podmap.MESH_RANGE_EXCLUDE}
+
+
 def test_slot_states_match_enum_lb_slot_state_in_the_header() -> None:
     enum = re.search(r"enum lb_slot_state \{(.*?)\};", _header(), re.S)
     assert enum is not None
@@ -98,6 +111,8 @@ def test_attach_types_match_the_kernel_uapi_numbers_bcc_carries() -> None:
         "ctlb_sendmsg6": kernel.CGROUP_UDP6_SENDMSG,
         "ctlb_recvmsg6": kernel.CGROUP_UDP6_RECVMSG,
         "ctlb_getpeer6": kernel.CGROUP_INET6_GETPEERNAME,
+        "ctlb_sockops": kernel.CGROUP_SOCK_OPS,
+        "ctlb_getsockopt": kernel.CGROUP_GETSOCKOPT,
         "ctlb_egress": kernel.CGROUP_INET_EGRESS,
     }
 
@@ -105,6 +120,9 @@ def test_attach_types_match_the_kernel_uapi_numbers_bcc_carries() -> None:
 def test_program_types_match_the_kernel_uapi_numbers_bcc_carries() -> None:
     bcc = pytest.importorskip("bcc")
     assert programs.PROG_CGROUP_SOCK_ADDR == bcc.BPF.CGROUP_SOCK_ADDR
+    assert programs.PROG_SOCK_OPS == bcc.BPF.SOCK_OPS
+    # bcc 0.26 has no CGROUP_SOCKOPT: its neighbours in enum bpf_prog_type pin it down.
+    assert bcc.BPF.LSM == 29 and programs.PROG_CGROUP_SOCKOPT == 25
     assert programs.PROG_CGROUP_SKB == bcc.BPF.CGROUP_SKB
 
 
