@@ -265,3 +265,36 @@ def test_a_restarted_agent_keeps_meshed_pods_captured_and_adopts_them(cluster: C
     fill = {m["map"]: m["entries"] for m in json.loads(cluster.ctlb("status", "--json").stdout)["maps"]}
     assert fill["ctlb_mesh_ports"] == 0, "the adopted pod's rules went with its mesh mode"
     assert fill["ctlb_pods"] == 1
+
+
+_OPEN_THEN_ASK = textwrap.dedent("""
+    import json, socket, sys
+    s = socket.create_connection(({host!r}, 80), timeout=5)
+    print("connected", flush=True)
+    sys.stdin.readline()  # the test flips the namespace meanwhile
+    s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    print(data.split(b"\\r\\n\\r\\n", 1)[1].decode(), flush=True)
+""")
+
+
+def test_a_flip_changes_new_connections_only(cluster: Cluster) -> None:
+    backends = _backends(cluster)
+    app = cluster.lab.add_pod("app", namespace="shop")
+    sidecar.start(app)
+    cluster.write("web", _web(backends))
+    cluster.write("pods", [objects.namespace("shop", labels=MESH), _pod_object(app)])
+    cluster.start_agent()
+
+    held = app.popen([sys.executable, "-c", _OPEN_THEN_ASK.format(host=CLUSTER_IP)], stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert held.stdout is not None and held.stdin is not None
+    assert held.stdout.readline().strip() == "connected"
+    syncs = cluster.state().syncs
+    cluster.write("pods", [objects.namespace("shop"), _pod_object(app)])
+    cluster.wait_synced(after=syncs)
+    assert "via" not in _one(cluster, app), "a new connection is balanced by CTLB"
+    out, _ = held.communicate("go\n", timeout=15)
+    assert json.loads(out).get("via") == "sidecar", "the connection made before the flip stays with the sidecar"
