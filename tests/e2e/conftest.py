@@ -21,6 +21,7 @@ from ctlb import kubeobjects, lab as ctlb_lab, model, planner
 from ctlb.lab import envoy, servers
 from ctlb.sources import store
 from meshredirect.xds import Options, XdsServer, snapshot
+from tests.kernel.conftest import cluster, require_bcc  # noqa: F401 (fixtures: the real agent on a lab)
 
 NODE_NAME = "lab-node"
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import pathlib
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,22 +15,13 @@ from ctlb.lab import envoy, servers
 from tests.kernel import objects
 from tests.kernel.conftest import Cluster
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("require_envoy")]
 
 CLUSTER_IP = "10.96.0.10"
 HTTP = [{"name": "http", "port": 80, "targetPort": 8080}]
 SLICE_HTTP = [{"name": "http", "port": 8080}]
 WEB = "outbound|80|v4|web.default"
 MESH = {"ctlb.io/mesh": "enabled"}
-
-
-@pytest.fixture
-def cluster(lab: ctlb_lab.Lab, require_envoy: None, tmp_path: pathlib.Path) -> Iterator[Cluster]:
-    c = Cluster(lab, tmp_path)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def _pod(pod: ctlb_lab.Pod) -> dict:
