@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python -m bench.program_cost                    # N=10000 x 4, 5 rounds
     sudo .venv/bin/python -m bench.program_cost --services 1000 --rounds 3 --json out.json
+    sudo .venv/bin/python -m bench.program_cost --drop --egress-ab --phases rr,udp,iperf,blast
 
 A lab node with four backend pods and one client pod; the datapath (the real `Datapath`, its
 programs attached to the client pod's cgroup) is given N Services of B backends each, every one
@@ -19,6 +20,19 @@ CPU 0 and servers on CPU 1, and takes the run-time and run-count deltas of every
     udp       loadgen udp-rr --unconnected to the first Service's UDP port: sendmsg4, recvmsg4
     peer      connect + getpeername() + close in a loop (Python): getpeer4 after a translation
     peer-dir  the same to a backend pod directly: getpeer4 on a socket that was not translated
+    rr        loadgen tcp-rr to a backend pod: established request/response (no socket program)
+    iperf     iperf3 to a backend pod: established throughput (no socket program)
+    blast     iperf3 -u of 64-byte datagrams to a backend pod, unlimited: packets/s of one CPU
+
+With --drop, one more service port drops (internalTrafficPolicy Local, endpoints elsewhere), so
+the drop action's egress program (ctlb_egress) is attached: it runs on every packet the client
+sends, and its ns/packet is reported for each phase. With --egress-ab as well, after the rounds
+above, as many rounds run rr, udp, iperf and blast (those of --phases) twice each, egress program
+attached and detached (order alternating), with the kernel's run-time accounting off, and report
+the client's rate with it over the rate without: its effect on established traffic. With --floor
+(not with --egress-ab), an empty egress program (bench/egress_floor.c) runs beside it on the same
+packets: the kernel's run-time accounting costs every program ~50 ns a call on this VM, so the
+egress program's own cost is the difference.
 
 Per program and phase it prints the median ns/call over the rounds with the min-max range.
 Correctness is checked on the way (getpeername() returns the Service address, UDP replies come
@@ -51,7 +65,10 @@ CLIENT_CPU = 0
 SERVER_CPU = 1
 TCP_PORT, TCP_TARGET = 80, 8080
 UDP_PORT, UDP_TARGET = 53, 9090
+RR_TARGET = 8081
+IPERF_PORT = 5201
 NODE_PORT_BASE = 20000
+DROP_PORT = 80
 
 TCP = model.Protocol.TCP
 UDP = model.Protocol.UDP
@@ -63,8 +80,9 @@ def cluster_ip(index: int, *, ipv6: bool = False) -> model.IPAddress:
 
 
 def desired_state(n: int, backends: list[model.IPAddress], *, node_ip: model.IPAddress,
-                  nodeport: bool) -> desired.DesiredState:
-    """N Services on the same backend pods; the first also carries 53/UDP."""
+                  nodeport: bool, drop: bool = False) -> desired.DesiredState:
+    """N Services on the same backend pods; the first also carries 53/UDP. With `drop`, one
+    more service port (the N+1th ClusterIP) drops: its endpoints are on other nodes."""
     ipv6 = backends[0].version == 6
     family = model.IPFamily.IPv6 if ipv6 else model.IPFamily.IPv4
     ports: dict[desired.ServicePortName, desired.ServicePortState] = {}
@@ -79,6 +97,11 @@ def desired_state(n: int, backends: list[model.IPAddress], *, node_ip: model.IPA
             ports[name] = desired.ServicePortState(
                 name=name, frontends=frontends,
                 backends=tuple(sorted(desired.Backend(b, target) for b in backends)))
+    if drop:
+        name = desired.ServicePortName("bench", "svc-drop", f"p{DROP_PORT}", TCP, family)
+        ports[name] = desired.ServicePortState(
+            name=name, frontends={desired.Frontend(cluster_ip(n, ipv6=ipv6), DROP_PORT, TCP): desired.FrontendKind.CLUSTER_IP},
+            backends=(), drop=True)
     return desired.DesiredState(service_ports=ports)
 
 
@@ -109,20 +132,23 @@ _PEER_CLIENT = textwrap.dedent("""
 """)
 
 
-def _prog_stats(bpffs: pathlib.Path) -> dict[str, tuple[int, int]]:
-    """run_time_ns and run_cnt of every program attached through ctlb's links."""
+def _prog_stats(bpffs: pathlib.Path, extra: dict[str, int] | None = None) -> dict[str, tuple[int, int]]:
+    """run_time_ns and run_cnt of every program attached through ctlb's links, and of `extra`
+    programs (name -> id)."""
+    ids = {a.hook: a.prog_id for a in programs.attachments(bpffs)} | (extra or {})
     stats = {}
-    for a in programs.attachments(bpffs):
-        info = json.loads(subprocess.run(["bpftool", "prog", "show", "id", str(a.prog_id), "-j"],
+    for hook, prog_id in ids.items():
+        info = json.loads(subprocess.run(["bpftool", "prog", "show", "id", str(prog_id), "-j"],
                                          capture_output=True, text=True, check=True).stdout)
-        stats[a.hook] = (info.get("run_time_ns", 0), info.get("run_cnt", 0))
+        stats[hook] = (info.get("run_time_ns", 0), info.get("run_cnt", 0))
     return stats
 
 
 class Rig:
     """The lab node, its pods and servers, and the datapath on the client pod's cgroup."""
 
-    def __init__(self, the_lab: ctlb_lab.Lab, *, n: int, nodeport: bool, ipv6: bool = False) -> None:
+    def __init__(self, the_lab: ctlb_lab.Lab, *, n: int, nodeport: bool, ipv6: bool = False,
+                 drop: bool = False) -> None:
         self.lab = the_lab
         self.ipv6 = ipv6
         self.backends = [the_lab.add_pod(f"be{i}", ipv6=ipv6) for i in range(4)]
@@ -131,11 +157,16 @@ class Rig:
         for pod in self.backends:
             loadgen.start_tcp_server(pod, port=TCP_TARGET, cpu=SERVER_CPU)
             loadgen.start_udp_server(pod, port=UDP_TARGET, cpu=SERVER_CPU)
+        loadgen.start_tcp_server(self.backends[0], port=RR_TARGET, echo=True, cpu=SERVER_CPU)
+        self.backends[0].popen(["taskset", "-c", str(SERVER_CPU), "iperf3", "-s", "-p", str(IPERF_PORT)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.bpffs = pathlib.Path("/sys/fs/bpf") / f"{the_lab.prefix}-cost"
+        self.extra_programs: dict[str, int] = {}  # name -> program id, measured beside ctlb's
+        self._floor_link: int | None = None
         self.dp = datapath.Datapath.install(bpffs=self.bpffs, cgroup=self.client.pod_cgroup,
                                             sizes=programs.MapSizes())
         state = desired_state(n, [self.addr(p) for p in self.backends], node_ip=self.addr(the_lab.node),
-                              nodeport=nodeport)
+                              nodeport=nodeport, drop=drop)
         started = time.perf_counter()
         outcome = self.dp.apply(state)
         self.program_s = time.perf_counter() - started
@@ -151,6 +182,9 @@ class Rig:
         return str(cluster_ip(index, ipv6=self.ipv6))
 
     def close(self) -> None:
+        if self._floor_link is not None:
+            libbpf.link_detach(self._floor_link)
+            os.close(self._floor_link)
         self.dp.close()
         programs.uninstall(self.bpffs)
 
@@ -168,6 +202,52 @@ class Rig:
     def peer(self, seconds: float, *, host: str, port: int) -> dict[str, Any]:
         return getpeername_loop(self.client, host=host, port=port, seconds=seconds, cpu=CLIENT_CPU)
 
+    def rr(self, seconds: float) -> dict[str, Any]:
+        out = loadgen.tcp_rr(self.client, host=str(self.addr(self.backends[0])), port=RR_TARGET,
+                             seconds=seconds, cpu=CLIENT_CPU)
+        return {"rate": out["rate"], "errors": out["errors"]}
+
+    def iperf(self, seconds: float) -> dict[str, Any]:
+        run = self.client.run(["taskset", "-c", str(CLIENT_CPU), "iperf3", "-c", str(self.addr(self.backends[0])),
+                               "-p", str(IPERF_PORT), "-t", str(max(1, round(seconds))), "-J"],
+                              timeout=seconds + 30)
+        data = json.loads(run.stdout)
+        if "error" in data:
+            return {"rate": 0.0, "errors": 1, "error": data["error"]}
+        return {"rate": data["end"]["sum_received"]["bits_per_second"] / 1e9, "errors": 0}  # Gbit/s
+
+    def attach_floor(self) -> None:
+        """Attaches the empty egress program of bench/egress_floor.c beside ctlb_egress."""
+        from bcc import BPF  # Debian's python3-bpfcc
+
+        self._floor_bpf = BPF(src_file=str(pathlib.Path(__file__).with_name("egress_floor.c")).encode())
+        fn = self._floor_bpf.load_func(b"ctlb_floor", BPF.CGROUP_SKB, attach_type=programs.CGROUP_INET_EGRESS)
+        cg_fd = os.open(self.client.pod_cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            self._floor_link = libbpf.link_create(fn.fd, cg_fd, programs.CGROUP_INET_EGRESS)
+        finally:
+            os.close(cg_fd)
+        self.extra_programs["floor"] = libbpf.link_info(self._floor_link).prog_id
+
+    def blast(self, seconds: float) -> dict[str, Any]:
+        """64-byte UDP datagrams to a backend as fast as one CPU sends them: the per-packet path."""
+        run = self.client.run(["taskset", "-c", str(CLIENT_CPU), "iperf3", "-c", str(self.addr(self.backends[0])),
+                               "-p", str(IPERF_PORT), "-u", "-b", "0", "-l", "64",
+                               "-t", str(max(1, round(seconds))), "-J"], timeout=seconds + 30)
+        data = json.loads(run.stdout)
+        if "error" in data:
+            return {"rate": 0.0, "errors": 1, "error": data["error"]}
+        sent = data["end"]["sum"]
+        return {"rate": sent["packets"] / sent["seconds"], "errors": 0}  # packets/s
+
+    def egress(self, attached: bool) -> None:
+        """Attaches or detaches the drop action's egress program (for the A/B comparison)."""
+        assert self.dp.egress is not None
+        if attached:
+            self.dp.egress.ensure()
+        else:
+            self.dp.egress.release()
+
 
 def getpeername_loop(place: ctlb_lab.Place, *, host: str, port: int, seconds: float, cpu: int) -> dict[str, Any]:
     """Connects, calls getpeername() four times and closes, in a loop, for `seconds`; returns
@@ -182,7 +262,7 @@ def measure(rig: Rig, phase: str, seconds: float) -> dict[str, Any]:
     """Runs one phase; returns per-program calls and ns/call, and the client's view."""
     be = str(rig.addr(rig.backends[0]))
     node = str(rig.addr(rig.lab.node))
-    before = _prog_stats(rig.bpffs)
+    before = _prog_stats(rig.bpffs, rig.extra_programs)
     if phase == "crr":
         seen = rig.crr(seconds, host=rig.service())
     elif phase == "crr-np":
@@ -197,9 +277,15 @@ def measure(rig: Rig, phase: str, seconds: float) -> dict[str, Any]:
         seen = rig.peer(seconds, host=node, port=NODE_PORT_BASE)
     elif phase == "peer-dir":
         seen = rig.peer(seconds, host=be, port=TCP_TARGET)
+    elif phase == "rr":
+        seen = rig.rr(seconds)
+    elif phase == "iperf":
+        seen = rig.iperf(seconds)
+    elif phase == "blast":
+        seen = rig.blast(seconds)
     else:
         raise ValueError(phase)
-    after = _prog_stats(rig.bpffs)
+    after = _prog_stats(rig.bpffs, rig.extra_programs)
     progs = {}
     for hook, (ns, cnt) in after.items():
         d_ns, d_cnt = ns - before.get(hook, (0, 0))[0], cnt - before.get(hook, (0, 0))[1]
@@ -210,11 +296,51 @@ def measure(rig: Rig, phase: str, seconds: float) -> dict[str, Any]:
 
 # Which program each phase is there to measure.
 FOCUS = {"crr": ["connect4"], "crr-np": ["connect4"], "direct": ["connect4"], "udp": ["sendmsg4", "recvmsg4"],
-         "peer": ["getpeer4"], "peer-np": ["getpeer4"], "peer-dir": ["getpeer4"]}
+         "peer": ["getpeer4"], "peer-np": ["getpeer4"], "peer-dir": ["getpeer4"], "rr": [], "iperf": [],
+         "blast": []}
+EGRESS = programs.EGRESS.name
+FLOOR = "floor"  # bench/egress_floor.c, with --floor
+# Phases the egress A/B comparison runs, and what their client-side rate is.
+AB_PHASES = {"rr": "transactions/s", "udp": "transactions/s", "iperf": "Gbit/s", "blast": "packets/s"}
 
 
 def focus(phase: str, *, ipv6: bool) -> list[str]:
-    return [h.replace("4", "6") if ipv6 else h for h in FOCUS[phase]]
+    """The programs a phase measures; the egress program runs in every phase (every packet)."""
+    return [h.replace("4", "6") if ipv6 else h for h in FOCUS[phase]] + [EGRESS, FLOOR]
+
+
+def egress_ab(rig: Rig, phases: list[str], seconds: float, *, first_attached: bool) -> dict[str, Any]:
+    """Runs each phase with the egress program attached and detached; the client's rates."""
+    out: dict[str, Any] = {}
+    for phase in phases:
+        out[phase] = {}
+        for attached in (first_attached, not first_attached):
+            rig.egress(attached)
+            out[phase]["with" if attached else "without"] = measure(rig, phase, seconds)["client"]
+    rig.egress(True)
+    return out
+
+
+def summarize_ab(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for phase, unit in AB_PHASES.items():
+        pairs = [(r[phase]["with"]["rate"], r[phase]["without"]["rate"]) for r in rounds if phase in r]
+        if not pairs:
+            continue
+        ratios = [w / wo for w, wo in pairs if wo]
+        rows.append({"phase": phase, "unit": unit, "with": statistics.median(w for w, _ in pairs),
+                     "without": statistics.median(wo for _, wo in pairs),
+                     "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+                     "ratio_max": max(ratios), "rounds": len(pairs)})
+    return rows
+
+
+def render_ab(rows: list[dict[str, Any]]) -> str:
+    out = [f"{'phase':<7} {'with egress':>14} {'without':>14} {'unit':<15} {'ratio (median, range)':>24}"]
+    for r in rows:
+        out.append(f"{r['phase']:<7} {r['with']:>14.2f} {r['without']:>14.2f} {r['unit']:<15} "
+                   f"{r['ratio_median']:>8.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f})")
+    return "\n".join(out)
 
 
 def summarize(rounds: list[dict[str, Any]], *, ipv6: bool = False) -> list[dict[str, Any]]:
@@ -251,23 +377,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=15.0, help="seconds of connection churn first")
     ap.add_argument("--nodeport", action="store_true", help="each Service also gets a node-address frontend")
     ap.add_argument("--ipv6", action="store_true", help="IPv6 Services, pods and clients (the *6 programs)")
+    ap.add_argument("--drop", action="store_true",
+                    help="one more service port drops, so the egress program is attached and measured")
+    ap.add_argument("--egress-ab", action="store_true",
+                    help="with --drop: rr, udp and iperf with the egress program attached and detached")
+    ap.add_argument("--floor", action="store_true",
+                    help="with --drop: an empty egress program beside it, for the accounting floor")
     ap.add_argument("--phases", default="crr,direct,udp,peer,peer-dir",
                     help="comma-separated, from: " + ", ".join(FOCUS))
     ap.add_argument("--label", default="", help="recorded in the JSON output")
     ap.add_argument("--json", type=pathlib.Path, help="write raw rounds and the summary here")
     args = ap.parse_args(argv)
+    if (args.egress_ab or args.floor) and not args.drop:
+        ap.error("--egress-ab and --floor need --drop")
+    if args.egress_ab and args.floor:
+        ap.error("--floor would run in both arms of --egress-ab: run them apart")
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     phases = args.phases.split(",")
     if args.nodeport:
         phases += [p for p in ("crr-np", "peer-np") if p not in phases]
     loadgen.build()
     ctlb_lab.sweep()
-    stats_fd = libbpf.enable_stats()
+    stats_fd: int | None = libbpf.enable_stats()
     rounds: list[dict[str, Any]] = []
+    ab_rounds: list[dict[str, Any]] = []
+    ab_stats_on = None
     try:
         with ctlb_lab.Lab() as the_lab:
-            rig = Rig(the_lab, n=args.services, nodeport=args.nodeport, ipv6=args.ipv6)
+            rig = Rig(the_lab, n=args.services, nodeport=args.nodeport, ipv6=args.ipv6, drop=args.drop)
             try:
+                if args.floor:
+                    rig.attach_floor()
                 print(f"programmed {args.services} Services in {rig.program_s:.2f} s; "
                       f"warm-up {args.warmup:.0f} s", flush=True)
                 if args.warmup > 0:
@@ -279,19 +419,35 @@ def main(argv: list[str] | None = None) -> int:
                         f"{ph} {h} {sample[ph]['programs'][h]['ns_per_call']:.0f}"
                         for ph in phases for h in focus(ph, ipv6=args.ipv6) if h in sample[ph]['programs']),
                         flush=True)
+                if args.egress_ab:
+                    # Without run-time accounting, which would add its own cost to every packet.
+                    os.close(stats_fd)
+                    stats_fd = None
+                    ab_stats_on = pathlib.Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip() != "0"
+                    for r in range(args.rounds):
+                        ab_rounds.append(egress_ab(rig, [p for p in phases if p in AB_PHASES], args.seconds,
+                                                   first_attached=r % 2 == 0))
+                        print(f"egress A/B round {r + 1}/{args.rounds}", flush=True)
             finally:
                 rig.close()
     finally:
-        os.close(stats_fd)
+        if stats_fd is not None:
+            os.close(stats_fd)
     rows = summarize(rounds, ipv6=args.ipv6)
     print(render(rows))
+    ab_rows = summarize_ab(ab_rounds)
+    if ab_rows:
+        print(render_ab(ab_rows))
+        if ab_stats_on:
+            print("note: another process kept kernel.bpf_stats_enabled on during the A/B rounds")
     problems = [(ph, s["client"]) for r in rounds for ph, s in r.items()
                 if s["client"].get("errors") or s["client"].get("source_mismatch")
                 or s["client"].get("getpeername_wrong")]
     print(f"client-side problems: {problems if problems else 'none'}")
     if args.json:
         args.json.write_text(json.dumps({"label": args.label, "services": args.services, "rounds": rounds,
-                                         "summary": rows, "argv": sys.argv[1:]}, indent=1))
+                                         "summary": rows, "egress_ab": {"rounds": ab_rounds, "summary": ab_rows},
+                                         "argv": sys.argv[1:]}, indent=1))
     return 1 if problems else 0
 
 

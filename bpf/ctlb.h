@@ -18,6 +18,9 @@
  *   CTLB_SOCK_SLOTS     slots of each per-socket reverse-NAT table (a power of two)
  *   CTLB_REVNAT_MAX     entries of each spill reverse-NAT map (LRU)
  *   CTLB_AFFINITY_MAX   entries of each session-affinity map (LRU)
+ *   CTLB_PODS_MAX       pods of this node the programs know (mesh mode, addresses)
+ *   CTLB_MESH_RULES_MAX entries of each mesh exclusion map (ranges, ports)
+ *   CTLB_MESH_CONNS_MAX entries of each original-destination map (LRU)
  *   CTLB_LAYOUT_ONLY    declare the maps unpinned with one entry: lets a read-only command
  *                       learn the layouts without creating or touching any pin.
  */
@@ -44,6 +47,15 @@
 #ifndef CTLB_AFFINITY_MAX
 #define CTLB_AFFINITY_MAX 131072
 #endif
+#ifndef CTLB_PODS_MAX
+#define CTLB_PODS_MAX 4096
+#endif
+#ifndef CTLB_MESH_RULES_MAX
+#define CTLB_MESH_RULES_MAX 65536
+#endif
+#ifndef CTLB_MESH_CONNS_MAX
+#define CTLB_MESH_CONNS_MAX 65536
+#endif
 
 /* Slots of each frontend table: at most half full, so probe sequences stay short. */
 #define CTLB_FE_SLOTS (2 * CTLB_FRONTENDS_MAX)
@@ -63,7 +75,32 @@
 /* Frontend flags (struct lb_frontend.flags). */
 enum lb_flags {
 	LB_F_AFFINITY = 1 << 0, /* ClientIP session affinity; timeout in affinity_timeout */
+	LB_F_DROP = 1 << 1,     /* with count 0: drop (the client times out) instead of refusing */
 };
+
+/* The drop destination. A connection that must be dropped is not refused: it is sent here, port
+ * kept, and ctlb_egress (bpf/drop.c), attached to the same cgroup, discards every packet to it
+ * before it leaves the socket's network namespace, so the client sees what a DROP rule gives it.
+ * A socket always reaches this address through its default route (connect() and sendmsg() do a
+ * route lookup), so these must be ordinary unicast addresses to Linux, yet never a real peer:
+ *   - IPv4 192.0.0.8: the "IPv4 dummy address" (RFC 7600), which IANA's special-purpose registry
+ *     (RFC 6890) marks valid as a source only, never as a destination, and not forwardable. No
+ *     host can be reached at it and routers must not pass it on; it lies outside 192.0.0.0/29,
+ *     which DS-Lite and 464XLAT (192.0.0.4) do use as addresses. The rest of the candidates are
+ *     in real use: 0/8 is "this host" to Linux, 127/8 reaches the pod's own listeners, 240/4,
+ *     100.64/10, 198.18/15 and the TEST-NETs serve as pod, CGNAT, fake-IP and lab ranges.
+ *   - IPv6 100::1: in 100::/64, the discard-only prefix (RFC 6666), which networks route to a
+ *     blackhole by design.
+ * The programs hold them in host byte order; the IPv6 address as four 32-bit words. */
+#define CTLB_DROP_ADDR4 0xc0000008U /* 192.0.0.8 */
+#define CTLB_DROP_ADDR6_0 0x01000000U /* 100::1 */
+#define CTLB_DROP_ADDR6_1 0x00000000U
+#define CTLB_DROP_ADDR6_2 0x00000000U
+#define CTLB_DROP_ADDR6_3 0x00000001U
+
+/* Frontend flags under which a connection may be sent to the drop address: user space keeps
+ * ctlb_egress attached while some frontend carries one. */
+#define CTLB_NEEDS_EGRESS (LB_F_DROP)
 
 /* State of a frontend table slot (lb4_key.state, lb6_key.state). */
 enum lb_slot_state {
@@ -76,6 +113,7 @@ enum lb_slot_state {
 enum lb_sock_flags {
 	LB_SOCK_SPILLED = 1 << 0, /* a peer of this socket was moved to ctlb_revnat4/6 */
 	LB_SOCK_MRU1 = 1 << 1,    /* peer[1] was used last (else peer[0]) */
+	LB_SOCK_MESH = 1 << 2,    /* peer[0] is a redirect to the pod's sidecar, not a backend */
 };
 
 /* IPv4 frontend: a Service address a client dials, and the state of the slot holding it. The
@@ -100,7 +138,8 @@ struct lb_frontend {
 	__u32 svc_id;           /* stable id of the service port: affinity and trace key */
 	__u32 set_id;           /* backend set; every backend slot of the set carries it */
 	__u32 set_start;        /* first slot of the set in ctlb_be4_v2/ctlb_be6_v2 (a contiguous range) */
-	__u32 count;            /* backends in the set; 0 means refuse (ECONNREFUSED) */
+	__u32 count;            /* backends in the set; 0 means refuse (ECONNREFUSED), or drop
+				 * when LB_F_DROP is set */
 	__u32 affinity_timeout; /* seconds; used when LB_F_AFFINITY is set */
 	__u32 flags;            /* enum lb_flags */
 };
@@ -252,6 +291,109 @@ struct lb6_affinity {
 	__u16 pad;
 };
 
+/* --- Pods and the sidecar mesh ------------------------------------------------------------ */
+
+/* Cgroup levels (the cgroup2 root is level 0) the programs look for pod cgroups at: kubelet puts
+ * guaranteed pods one level above burstable and best-effort ones. */
+#define CTLB_POD_LEVELS 8
+
+/* SO_ORIGINAL_DST (linux/netfilter_ipv4.h) and IP6T_SO_ORIGINAL_DST (netfilter_ipv6/ip6_tables.h):
+ * the same number at SOL_IP and SOL_IPV6. */
+#define CTLB_SO_ORIGINAL_DST 80
+#define CTLB_SOL_IP 0
+#define CTLB_SOL_IPV6 41
+/* Address families (linux/socket.h is not UAPI). */
+#define CTLB_AF_INET 2
+#define CTLB_AF_INET6 10
+
+/* Node-wide settings, written by user space (one entry). */
+struct ctlb_settings {
+	__u32 pod_levels;  /* bit L set: pod cgroups exist at level L */
+	__u32 meshed_pods; /* pods with POD_F_MESH; 0 lets a connect skip the pod lookup */
+};
+
+/* How a pod's outbound TCP connections are treated (struct pod_info.flags). */
+enum pod_flags {
+	POD_F_MESH = 1 << 0,           /* redirected to the sidecar (else connect-time LB) */
+	POD_F_INCLUDE_ALL = 1 << 1,    /* every destination is captured (includeOutboundIPRanges "*") */
+	POD_F_INCLUDE_RANGES = 1 << 2, /* destinations in the pod's INCLUDE ranges are captured */
+	POD_F_EXCLUDE_RANGES = 1 << 3, /* destinations in the pod's EXCLUDE ranges are not */
+	POD_F_EXCLUDE_PORTS = 1 << 4,  /* destination ports in ctlb_mesh_ports are not */
+};
+
+/* A pod of this node, by the id of its pod-level cgroup. */
+struct pod_info {
+	__u32 pod_id;          /* small id user space gives the pod: the key of its rules */
+	__u32 flags;           /* enum pod_flags */
+	__u32 sidecar_uid;     /* connections made by this uid (the proxy) are never captured */
+	__be16 outbound_port;  /* the sidecar's outbound listener, on loopback */
+	__u16 pad;
+	__be32 addr4;          /* the pod's addresses: the source its connections leave with */
+	__be32 addr6[4];
+};
+
+enum mesh_range_kind {
+	MESH_RANGE_INCLUDE = 1,
+	MESH_RANGE_EXCLUDE = 2,
+};
+
+/* A pod's include or exclude range. LPM trie key: prefixlen counts the 64 bits of pod_id and
+ * kind (always matched whole) plus the range's prefix length. */
+struct mesh_range4_key {
+	__u32 prefixlen;
+	__u32 pod_id;
+	__u32 kind; /* enum mesh_range_kind */
+	__be32 addr;
+};
+
+struct mesh_range6_key {
+	__u32 prefixlen;
+	__u32 pod_id;
+	__u32 kind;
+	__be32 addr[4];
+};
+
+/* A destination port a pod's sidecar does not capture (excludeOutboundPorts). */
+struct mesh_port_key {
+	__u32 pod_id;
+	__be16 port;
+	__u16 pad;
+};
+
+/* A redirected connection as the sidecar's accepted socket sees it, in the pod's network
+ * namespace: the sidecar's socket is not the application's, so the original destination is
+ * found by the connection, recorded when the application's connect went out. The namespace
+ * keeps two pods with the same loopback tuple apart. */
+struct mesh_conn4_key {
+	__u64 netns;
+	__be32 client_addr;
+	__be32 proxy_addr;
+	__be16 client_port;
+	__be16 proxy_port;
+	__u32 pad;
+};
+
+struct mesh_conn6_key {
+	__u64 netns;
+	__be32 client_addr[4];
+	__be32 proxy_addr[4];
+	__be16 client_port;
+	__be16 proxy_port;
+	__u32 pad;
+};
+
+struct mesh_orig4 {
+	__be32 addr;
+	__be16 port;
+	__u16 pad;
+};
+
+struct mesh_orig6 {
+	__be32 addr[4];
+	__be16 port;
+	__u16 pad;
+};
+
 #ifdef CTLB_LAYOUT_ONLY
 #define CTLB_MAP(_type, _key, _leaf, _name, _max, _flags) \
 	BPF_F_TABLE(_type, _key, _leaf, _name, 1, _flags)
@@ -275,5 +417,12 @@ CTLB_MAP("lru_hash", struct lb4_revnat_key, struct lb4_revnat, ctlb_revnat4, CTL
 CTLB_MAP("lru_hash", struct lb6_revnat_key, struct lb6_revnat, ctlb_revnat6, CTLB_REVNAT_MAX, 0);
 CTLB_MAP("lru_hash", struct lb_affinity_key, struct lb4_affinity, ctlb_aff4, CTLB_AFFINITY_MAX, 0);
 CTLB_MAP("lru_hash", struct lb_affinity_key, struct lb6_affinity, ctlb_aff6, CTLB_AFFINITY_MAX, 0);
+CTLB_MAP("array", __u32, struct ctlb_settings, ctlb_settings, 1, 0);
+CTLB_MAP("hash", __u64, struct pod_info, ctlb_pods, CTLB_PODS_MAX, 0);
+CTLB_MAP("lpm_trie", struct mesh_range4_key, __u8, ctlb_mesh_range4, CTLB_MESH_RULES_MAX, BPF_F_NO_PREALLOC);
+CTLB_MAP("lpm_trie", struct mesh_range6_key, __u8, ctlb_mesh_range6, CTLB_MESH_RULES_MAX, BPF_F_NO_PREALLOC);
+CTLB_MAP("hash", struct mesh_port_key, __u8, ctlb_mesh_ports, CTLB_MESH_RULES_MAX, 0);
+CTLB_MAP("lru_hash", struct mesh_conn4_key, struct mesh_orig4, ctlb_mesh_conn4, CTLB_MESH_CONNS_MAX, 0);
+CTLB_MAP("lru_hash", struct mesh_conn6_key, struct mesh_orig6, ctlb_mesh_conn6, CTLB_MESH_CONNS_MAX, 0);
 
 #endif /* CTLB_H */

@@ -4,8 +4,15 @@
  * packet is NATed. recvmsg/getpeername rewrite the backend back to the frontend, so UDP clients
  * (DNS resolvers above all) and getpeername() see the address they asked for.
  *
+ * In a pod of a meshed namespace, connect sends TCP to the pod's sidecar instead (see "Pods and
+ * the sidecar mesh"); ctlb_sockops and ctlb_getsockopt then hand the sidecar the destination
+ * the application asked for, as SO_ORIGINAL_DST.
+ *
  * Entry points (ctlb_*) are thin: the workers return 0 (translated), -ENOENT (not a frontend:
  * leave the socket alone) or another -errno, and only the entry point turns that into a verdict.
+ *
+ * Dropping is a translation too: the socket is sent to the drop address (ctlb.h), where
+ * ctlb_egress (drop.c) discards its packets. See lb4_drop_dest() below.
  *
  * Cost: see the header. The translating path reads ARRAY maps only (lookups inlined by the
  * verifier) and calls one helper, bpf_get_socket_cookie(); bpf_jiffies64() is inlined too. The
@@ -86,6 +93,15 @@ static __always_inline void copy_ip6(__be32 *dst, const __be32 *src)
 	dst[1] = src[1];
 	dst[2] = src[2];
 	dst[3] = src[3];
+}
+
+/* An IPv6 address from a context (sock_ops, bpf_sock): only 32-bit loads are allowed there. */
+static __always_inline void ctx_read_ip6(const __u32 *src, __be32 *dst)
+{
+	dst[0] = READ_U32(&src[0]);
+	dst[1] = READ_U32(&src[1]);
+	dst[2] = READ_U32(&src[2]);
+	dst[3] = READ_U32(&src[3]);
 }
 
 static __always_inline bool ip6_eq(const __be32 *a, const __be32 *b)
@@ -170,6 +186,134 @@ static __always_inline int sock_verdict(int ret)
 	/* The errno the application sees: ECONNREFUSED for "no backends", like kube-proxy's REJECT. */
 	bpf_set_retval(ret);
 	return SYS_REJECT;
+}
+
+/* --- Pods and the sidecar mesh --------------------------------------------------------- */
+
+/* Which pod a socket belongs to, and whether its sidecar captures a connection.
+ *
+ * A pod is found by the cgroup of the task that connects: the programs hang on the cgroup root,
+ * so they ask for the current task's ancestor at each level where user space says pod cgroups
+ * exist (ctlb_settings.pod_levels) and look that id up in ctlb_pods.
+ * That costs a helper call and a hash lookup per level, so a connect pays it only when the
+ * node has meshed pods at all (ctlb_settings.meshed_pods).
+ *
+ * Capture follows Istio's iptables rules: TCP only; never the sidecar's own uid; never a
+ * loopback destination, nor the sidecar's own port (a connection is never captured onto the
+ * sidecar itself); never an excluded port; only included ranges, minus excluded ones.
+ */
+static __always_inline const struct ctlb_settings *ctlb_settings_get(void)
+{
+	__u32 zero = 0;
+
+	return ctlb_settings.lookup(&zero);
+}
+
+/* The pod of the current task, or NULL (a process of the node itself, or an unknown pod). */
+static __always_inline const struct pod_info *current_pod(__u32 levels)
+{
+#pragma unroll
+	for (int level = 1; level < CTLB_POD_LEVELS; level++) {
+		__u64 id;
+		struct pod_info *pod;
+
+		if (!(levels & (1u << level)))
+			continue;
+		id = bpf_get_current_ancestor_cgroup_id(level);
+		pod = ctlb_pods.lookup(&id);
+		if (pod)
+			return pod;
+	}
+	return NULL;
+}
+
+/* The meshed pod of the current task, when the node has any. */
+static __always_inline const struct pod_info *current_meshed_pod(void)
+{
+	const struct ctlb_settings *settings = ctlb_settings_get();
+	const struct pod_info *pod;
+
+	if (!settings || settings->meshed_pods == 0)
+		return NULL;
+	pod = current_pod(settings->pod_levels);
+	if (!pod || !(pod->flags & POD_F_MESH))
+		return NULL;
+	return pod;
+}
+
+/* Whether the task is the sidecar itself, whose connections are never captured. */
+static __always_inline bool mesh_is_sidecar(const struct pod_info *pod)
+{
+	return (__u32)bpf_get_current_uid_gid() == pod->sidecar_uid;
+}
+
+static __always_inline bool mesh_port_excluded(const struct pod_info *pod, __be16 port)
+{
+	struct mesh_port_key key = {};
+
+	if (!(pod->flags & POD_F_EXCLUDE_PORTS))
+		return false;
+	key.pod_id = pod->pod_id;
+	key.port = port;
+	return ctlb_mesh_ports.lookup(&key) != NULL;
+}
+
+static __always_inline bool mesh4_in_ranges(const struct pod_info *pod, __u32 kind, __be32 addr)
+{
+	struct mesh_range4_key key = {};
+
+	key.prefixlen = 64 + 32;
+	key.pod_id = pod->pod_id;
+	key.kind = kind;
+	key.addr = addr;
+	return ctlb_mesh_range4.lookup(&key) != NULL;
+}
+
+static __always_inline bool mesh6_in_ranges(const struct pod_info *pod, __u32 kind, const __be32 *addr)
+{
+	struct mesh_range6_key key = {};
+
+	key.prefixlen = 64 + 128;
+	key.pod_id = pod->pod_id;
+	key.kind = kind;
+	copy_ip6(key.addr, addr);
+	return ctlb_mesh_range6.lookup(&key) != NULL;
+}
+
+/* 127.0.0.0/8 */
+static __always_inline bool ip4_is_loopback(__be32 addr)
+{
+	return (bpf_ntohl(addr) >> 24) == 127;
+}
+
+static __always_inline bool ip6_is_loopback(const __be32 *addr)
+{
+	return addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == bpf_htonl(1);
+}
+
+/* Whether the sidecar captures a TCP connection from `pod` to addr:port (IPv4). */
+static __always_inline bool mesh4_captures(const struct pod_info *pod, __be32 addr, __be16 port)
+{
+	if (ip4_is_loopback(addr) || port == pod->outbound_port || mesh_port_excluded(pod, port))
+		return false;
+	if (!(pod->flags & POD_F_INCLUDE_ALL) &&
+	    !((pod->flags & POD_F_INCLUDE_RANGES) && mesh4_in_ranges(pod, MESH_RANGE_INCLUDE, addr)))
+		return false;
+	if ((pod->flags & POD_F_EXCLUDE_RANGES) && mesh4_in_ranges(pod, MESH_RANGE_EXCLUDE, addr))
+		return false;
+	return !mesh_is_sidecar(pod);
+}
+
+static __always_inline bool mesh6_captures(const struct pod_info *pod, const __be32 *addr, __be16 port)
+{
+	if (ip6_is_loopback(addr) || port == pod->outbound_port || mesh_port_excluded(pod, port))
+		return false;
+	if (!(pod->flags & POD_F_INCLUDE_ALL) &&
+	    !((pod->flags & POD_F_INCLUDE_RANGES) && mesh6_in_ranges(pod, MESH_RANGE_INCLUDE, addr)))
+		return false;
+	if ((pod->flags & POD_F_EXCLUDE_RANGES) && mesh6_in_ranges(pod, MESH_RANGE_EXCLUDE, addr))
+		return false;
+	return !mesh_is_sidecar(pod);
 }
 
 /* --- IPv4 ------------------------------------------------------------------------------- */
@@ -356,28 +500,52 @@ static __always_inline void lb4_sock_remember(struct lb4_sock *sk, __u64 cookie,
 	p->fe_port = fe_port;
 }
 
-/* Frontend -> backend. On 0, *out holds the backend to write into the context. */
+/* The drop action: a connection that must be dropped, not refused, is translated to the drop
+ * address (ctlb.h), its port kept, like to a backend. Its packets then never leave the node:
+ * ctlb_egress (drop.c) discards them at the socket's cgroup, so a TCP connect times out after
+ * its SYN retransmits and a UDP send succeeds with nothing delivered, as behind a DROP rule;
+ * nothing ever goes to the Service address or a real host.
+ *
+ * To drop from another path: fill the backend with lb4_drop_dest() (lb6_drop_dest()) and go on
+ * as if it had been picked, so the socket's slot remembers the frontend and getpeername() of a
+ * connected UDP socket still shows the address the client dialled. ctlb_egress must be attached
+ * while any frontend may drop: user space attaches it while a frontend carries a flag of
+ * CTLB_NEEDS_EGRESS (ctlb.h). */
+static __always_inline void lb4_drop_dest(__be16 port, struct lb4_backend *out)
+{
+	out->addr = bpf_htonl(CTLB_DROP_ADDR4);
+	out->port = port;
+}
+
+/* Frontend -> backend. On 0, *out holds the backend to write into the context: a backend of
+ * the set, or the drop address (LB_F_DROP and no backends). */
 static __always_inline int __sock4_xlate_fwd(void *ctx, __be32 daddr, __be16 dport, __u8 proto,
 					     bool connect, struct lb4_backend *out)
 {
 	struct lb_frontend fe;
 	struct lb4_sock *sk;
 	__u64 cookie;
+	bool drop;
 	int ret;
 
 	if (lb4_lookup_frontend(daddr, dport, proto, &fe))
 		return -ENOENT;
-	if (fe.count == 0 || fe.count > CTLB_SET_MAX)
+	drop = fe.count == 0 && (fe.flags & LB_F_DROP);
+	if ((fe.count == 0 && !drop) || fe.count > CTLB_SET_MAX)
 		return -ECONNREFUSED;
 	cookie = bpf_get_socket_cookie(ctx);
 	sk = lb4_sock_slot(cookie);
 	if (!sk)
 		return -ENOENT;
-	if (!connect && !(fe.flags & LB_F_AFFINITY) && lb4_sock_sticky(sk, cookie, daddr, dport, &fe, out))
-		return 0;
-	ret = lb4_pick_backend(ctx, &fe, cookie, out);
-	if (ret)
-		return ret;
+	if (drop) {
+		lb4_drop_dest(dport, out);
+	} else {
+		if (!connect && !(fe.flags & LB_F_AFFINITY) && lb4_sock_sticky(sk, cookie, daddr, dport, &fe, out))
+			return 0;
+		ret = lb4_pick_backend(ctx, &fe, cookie, out);
+		if (ret)
+			return ret;
+	}
 	lb4_sock_remember(sk, cookie, connect, daddr, dport, &fe, out);
 	return 0;
 }
@@ -462,8 +630,47 @@ static __always_inline int sock4_rev(struct bpf_sock_addr *ctx)
 	return SYS_PROCEED;
 }
 
+/* Sends a meshed pod's TCP connect to its sidecar on loopback instead of balancing it, and
+ * remembers where it was going: getpeername() still answers with that address, and the sidecar
+ * learns it through SO_ORIGINAL_DST (see ctlb_sockops and ctlb_getsockopt). */
+static __always_inline bool mesh4_redirect(struct bpf_sock_addr *ctx)
+{
+	struct lb_frontend none = {};
+	struct lb4_backend proxy = {};
+	const struct pod_info *pod;
+	struct lb4_sock *sk;
+	__be32 daddr;
+	__be16 dport;
+	__u64 cookie;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return false;
+	pod = current_meshed_pod();
+	if (!pod)
+		return false;
+	daddr = ctx->user_ip4;
+	barrier();
+	dport = ctx_port(ctx);
+	if (!mesh4_captures(pod, daddr, dport))
+		return false;
+	cookie = bpf_get_socket_cookie(ctx);
+	sk = lb4_sock_slot(cookie);
+	if (!sk)
+		return false;
+	proxy.addr = bpf_htonl(INADDR_LOOPBACK);
+	proxy.port = pod->outbound_port;
+	lb4_sock_remember(sk, cookie, true, daddr, dport, &none, &proxy);
+	sk->flags |= LB_SOCK_MESH;
+	ctx->user_ip4 = proxy.addr;
+	barrier();
+	ctx_set_port(ctx, proxy.port);
+	return true;
+}
+
 int ctlb_connect4(struct bpf_sock_addr *ctx)
 {
+	if (mesh4_redirect(ctx))
+		return SYS_PROCEED;
 	return sock4_fwd(ctx, true);
 }
 
@@ -661,27 +868,43 @@ static __always_inline void lb6_sock_remember(struct lb6_sock *sk, __u64 cookie,
 	p->fe_port = fe_port;
 }
 
+/* The drop action for IPv6 sockets: see lb4_drop_dest(). */
+static __always_inline void lb6_drop_dest(__be16 port, struct lb6_backend *out)
+{
+	out->addr[0] = bpf_htonl(CTLB_DROP_ADDR6_0);
+	out->addr[1] = bpf_htonl(CTLB_DROP_ADDR6_1);
+	out->addr[2] = bpf_htonl(CTLB_DROP_ADDR6_2);
+	out->addr[3] = bpf_htonl(CTLB_DROP_ADDR6_3);
+	out->port = port;
+}
+
 static __always_inline int __sock6_xlate_fwd(void *ctx, const __be32 *daddr, __be16 dport,
 					     __u8 proto, bool connect, struct lb6_backend *out)
 {
 	struct lb_frontend fe;
 	struct lb6_sock *sk;
 	__u64 cookie;
+	bool drop;
 	int ret;
 
 	if (lb6_lookup_frontend(daddr, dport, proto, &fe))
 		return -ENOENT;
-	if (fe.count == 0 || fe.count > CTLB_SET_MAX)
+	drop = fe.count == 0 && (fe.flags & LB_F_DROP);
+	if ((fe.count == 0 && !drop) || fe.count > CTLB_SET_MAX)
 		return -ECONNREFUSED;
 	cookie = bpf_get_socket_cookie(ctx);
 	sk = lb6_sock_slot(cookie);
 	if (!sk)
 		return -ENOENT;
-	if (!connect && !(fe.flags & LB_F_AFFINITY) && lb6_sock_sticky(sk, cookie, daddr, dport, &fe, out))
-		return 0;
-	ret = lb6_pick_backend(ctx, &fe, cookie, out);
-	if (ret)
-		return ret;
+	if (drop) {
+		lb6_drop_dest(dport, out);
+	} else {
+		if (!connect && !(fe.flags & LB_F_AFFINITY) && lb6_sock_sticky(sk, cookie, daddr, dport, &fe, out))
+			return 0;
+		ret = lb6_pick_backend(ctx, &fe, cookie, out);
+		if (ret)
+			return ret;
+	}
 	lb6_sock_remember(sk, cookie, connect, daddr, dport, &fe, out);
 	return 0;
 }
@@ -785,8 +1008,56 @@ static __always_inline int sock6_rev(struct bpf_sock_addr *ctx)
 	return SYS_PROCEED;
 }
 
+/* mesh4_redirect for an IPv6 socket. An IPv4-mapped destination is captured by the pod's IPv4
+ * rules and sent to ::ffff:127.0.0.1, and remembered where its IPv4 twin would be. */
+static __always_inline bool mesh6_redirect(struct bpf_sock_addr *ctx)
+{
+	struct lb_frontend none = {};
+	const struct pod_info *pod;
+	__be32 daddr[4];
+	__be16 dport;
+	__u64 cookie;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return false;
+	pod = current_meshed_pod();
+	if (!pod)
+		return false;
+	ctx_get_ip6(ctx, daddr);
+	dport = ctx_port(ctx);
+	cookie = bpf_get_socket_cookie(ctx);
+	if (v4mapped(daddr[0], daddr[1], daddr[2])) {
+		struct lb4_backend proxy = {};
+		struct lb4_sock *sk4;
+
+		if (!mesh4_captures(pod, daddr[3], dport) || !(sk4 = lb4_sock_slot(cookie)))
+			return false;
+		proxy.addr = bpf_htonl(INADDR_LOOPBACK);
+		proxy.port = pod->outbound_port;
+		lb4_sock_remember(sk4, cookie, true, daddr[3], dport, &none, &proxy);
+		sk4->flags |= LB_SOCK_MESH;
+		ctx->user_ip6[3] = proxy.addr;
+	} else {
+		struct lb6_backend proxy = {};
+		struct lb6_sock *sk6;
+
+		if (!mesh6_captures(pod, daddr, dport) || !(sk6 = lb6_sock_slot(cookie)))
+			return false;
+		proxy.addr[3] = bpf_htonl(1); /* ::1 */
+		proxy.port = pod->outbound_port;
+		lb6_sock_remember(sk6, cookie, true, daddr, dport, &none, &proxy);
+		sk6->flags |= LB_SOCK_MESH;
+		ctx_set_ip6(ctx, proxy.addr);
+	}
+	barrier();
+	ctx_set_port(ctx, pod->outbound_port);
+	return true;
+}
+
 int ctlb_connect6(struct bpf_sock_addr *ctx)
 {
+	if (mesh6_redirect(ctx))
+		return SYS_PROCEED;
 	return sock6_fwd(ctx, true);
 }
 
@@ -803,4 +1074,124 @@ int ctlb_recvmsg6(struct bpf_sock_addr *ctx)
 int ctlb_getpeer6(struct bpf_sock_addr *ctx)
 {
 	return sock6_rev(ctx);
+}
+
+/* --- Sidecar original destination --------------------------------------------------------- */
+
+/* A redirected connection leaves the application's socket: record its tuple, as the sidecar's
+ * accepted socket will see it, with the destination the application asked for. The tuple is
+ * known once the kernel picked the source port, which TCP_CONNECT_CB follows, and the record
+ * is in place before the SYN leaves, so before the sidecar can accept. */
+static __always_inline void mesh4_record(struct bpf_sock_ops *skops, __u64 cookie)
+{
+	struct mesh_conn4_key key = {};
+	struct mesh_orig4 orig = {};
+	struct lb4_sock *sk = lb4_sock_slot(cookie);
+
+	if (!sk || READ_U64(&sk->cookie) != cookie || !(sk->flags & LB_SOCK_MESH))
+		return;
+	key.netns = bpf_get_netns_cookie(skops);
+	key.client_addr = skops->local_ip4;
+	key.proxy_addr = skops->remote_ip4;
+	key.client_port = bpf_htons((__u16)skops->local_port);
+	/* remote_port holds the port in network order in its upper 16 bits. */
+	key.proxy_port = (__be16)(skops->remote_port >> 16);
+	orig.addr = sk->peer[0].fe_addr;
+	orig.port = sk->peer[0].fe_port;
+	ctlb_mesh_conn4.update(&key, &orig);
+}
+
+static __always_inline void mesh6_record(struct bpf_sock_ops *skops, __u64 cookie)
+{
+	struct mesh_conn6_key key = {};
+	struct mesh_orig6 orig = {};
+	struct lb6_sock *sk = lb6_sock_slot(cookie);
+
+	if (!sk || READ_U64(&sk->cookie) != cookie || !(sk->flags & LB_SOCK_MESH))
+		return;
+	key.netns = bpf_get_netns_cookie(skops);
+	ctx_read_ip6(skops->local_ip6, key.client_addr);
+	ctx_read_ip6(skops->remote_ip6, key.proxy_addr);
+	key.client_port = bpf_htons((__u16)skops->local_port);
+	key.proxy_port = (__be16)(skops->remote_port >> 16);
+	copy_ip6(orig.addr, sk->peer[0].fe_addr);
+	orig.port = sk->peer[0].fe_port;
+	ctlb_mesh_conn6.update(&key, &orig);
+}
+
+int ctlb_sockops(struct bpf_sock_ops *skops)
+{
+	__be32 remote[4];
+	__u64 cookie;
+
+	if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
+		return 1;
+	cookie = bpf_get_socket_cookie(skops);
+	ctx_read_ip6(skops->remote_ip6, remote);
+	if (skops->family == CTLB_AF_INET6 && !v4mapped(remote[0], remote[1], remote[2]))
+		mesh6_record(skops, cookie);
+	else
+		mesh4_record(skops, cookie);
+	return 1;
+}
+
+/* Answers getsockopt(SOL_IP, SO_ORIGINAL_DST) on a socket the sidecar accepted. */
+static __always_inline void mesh4_original_dst(struct bpf_sockopt *ctx, struct bpf_sock *sk)
+{
+	struct mesh_conn4_key key = {};
+	struct mesh_orig4 *orig;
+	struct sockaddr_in *sin = ctx->optval;
+
+	key.netns = bpf_get_netns_cookie(ctx);
+	key.client_addr = sk->dst_ip4;
+	key.proxy_addr = sk->src_ip4;
+	key.client_port = sk->dst_port;
+	key.proxy_port = bpf_htons((__u16)sk->src_port);
+	orig = ctlb_mesh_conn4.lookup(&key);
+	if (!orig || (void *)(sin + 1) > ctx->optval_end)
+		return;
+	sin->sin_family = CTLB_AF_INET;
+	sin->sin_port = orig->port;
+	sin->sin_addr.s_addr = orig->addr;
+	__builtin_memset(sin->sin_zero, 0, sizeof(sin->sin_zero));
+	ctx->optlen = sizeof(*sin);
+	/* Kept apart: clang would merge the two stores into one the verifier refuses. */
+	barrier();
+	ctx->retval = 0;
+}
+
+static __always_inline void mesh6_original_dst(struct bpf_sockopt *ctx, struct bpf_sock *sk)
+{
+	struct mesh_conn6_key key = {};
+	struct mesh_orig6 *orig;
+	struct sockaddr_in6 *sin6 = ctx->optval;
+
+	key.netns = bpf_get_netns_cookie(ctx);
+	ctx_read_ip6(sk->dst_ip6, key.client_addr);
+	ctx_read_ip6(sk->src_ip6, key.proxy_addr);
+	key.client_port = sk->dst_port;
+	key.proxy_port = bpf_htons((__u16)sk->src_port);
+	orig = ctlb_mesh_conn6.lookup(&key);
+	if (!orig || (void *)(sin6 + 1) > ctx->optval_end)
+		return;
+	__builtin_memset(sin6, 0, sizeof(*sin6));
+	sin6->sin6_family = CTLB_AF_INET6;
+	sin6->sin6_port = orig->port;
+	copy_ip6(sin6->sin6_addr.in6_u.u6_addr32, orig->addr);
+	ctx->optlen = sizeof(*sin6);
+	barrier();
+	ctx->retval = 0;
+}
+
+int ctlb_getsockopt(struct bpf_sockopt *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+
+	if (ctx->optname != CTLB_SO_ORIGINAL_DST || !sk)
+		return 1;
+	if (ctx->level == CTLB_SOL_IP)
+		mesh4_original_dst(ctx, sk);
+	else if (ctx->level == CTLB_SOL_IPV6)
+		mesh6_original_dst(ctx, sk);
+	return 1;
 }

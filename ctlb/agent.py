@@ -11,13 +11,17 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
 from ctlb import datapath, desired, model, planner, statefile
-from ctlb.datapath import reconcile, sockdiag
+from ctlb.datapath import cgroup, reconcile, sockdiag
 from ctlb.sources import manifests, store
+from meshredirect import control, switch, xdsfeed
+
+if TYPE_CHECKING:
+    from meshredirect.xds import XdsServer
 
 log = structlog.get_logger()
 
@@ -32,6 +36,9 @@ class AgentConfig:
     sizes: datapath.MapSizes = field(default_factory=datapath.MapSizes)
     interval: float = 0.2  # seconds between looks at the source
     kubeconfig: pathlib.Path | None = None  # None: in-cluster config (API source only)
+    mesh: switch.MeshSettings = field(default_factory=switch.MeshSettings)
+    # Where the node's xDS server listens (`unix:/path`, `host:port`); empty: no xDS server.
+    xds_listen: tuple[str, ...] = ()
 
 
 class Source(Protocol):
@@ -119,13 +126,18 @@ def _now() -> str:
 
 class Agent:
     def __init__(self, config: AgentConfig, *, source: Source, objects: store.ObjectStore,
-                 dp: datapath.Datapath) -> None:
+                 dp: datapath.Datapath, xds_server: XdsServer | None = None) -> None:
         self.config = config
         self.source = source
         self.store = objects
         self.datapath = dp
         self.planner = planner.Planner(config.node_name)
-        self._udp_backends = sockdiag.UdpBackends()
+        self.mesh = control.MeshControl(pinned=dp.pinned, settings=config.mesh, node_name=config.node_name,
+                                        cgroup_root=config.cgroup, cgroup_mount=cgroup.cgroup2_mount())
+        # Sidecars are served only while this node has some: building Envoy's config costs.
+        self.xds = None if xds_server is None else xdsfeed.XdsFeed(xds_server, wanted=lambda: self.mesh.meshed > 0)
+        # Seeded from the maps as adopted, before the first apply changes them.
+        self._pinned = sockdiag.PinnedPeers(sockdiag.programmed_peers(dp.reconciler.programmed))
         self._gc_thresholds = gc.get_threshold()
         self._reported: set[model.Problem] = set()
         # The desired view's digest, kept as a sum over service ports so a change costs its port.
@@ -155,13 +167,21 @@ class Agent:
                     changed.setdefault(name, previous)
             else:
                 changed = self.planner.update(self.store, None if first else changes)
+            pods_moved = control.MeshControl.touched_by(None if first else changes)
+            if pods_moved:
+                self.mesh.update(self.store)
             source_problems = self.store.problems()
+            services = self.store.objects("Service") if self.xds is not None else []
         plan = self.planner.state()
+        if self.xds is not None:
+            self.xds.offer(plan.service_ports, [s for s in services if isinstance(s, model.Service)])
         decided = time.perf_counter()
         outcome = self.datapath.apply(plan, hint=None if first else changed)
+        if pods_moved:
+            self._tend_pods()
         programmed = time.perf_counter()
-        self._end_stale_udp_flows(changed, plan)
-        problems = sorted({*source_problems, *plan.problems, *outcome.problems})
+        self._end_stale_flows(changed, plan)
+        problems = sorted({*source_problems, *plan.problems, *outcome.problems, *self.mesh.problems})
         self._report(problems)
         names_changed = self._record(plan, changed, outcome, problems)
         timings = {"read_ms": round(read_ms, 3), "semantics_ms": round(1000 * (decided - started), 3),
@@ -180,13 +200,26 @@ class Agent:
                  deletes=outcome.deletes, problems=len(problems), in_sync=self.state.in_sync, **timings)
         return True
 
-    def _end_stale_udp_flows(self, moved: planner.Moved, plan: desired.DesiredState) -> None:
-        """Connected UDP sockets keep the backend they got at connect: when it serves no UDP
-        Service any more, end them so the application's next socket is balanced afresh."""
-        gone = self._udp_backends.update(moved, plan.service_ports)
-        if gone and self.state.syncs > 0:
-            destroyed = sockdiag.destroy_udp_sockets_to(gone, cgroup=self.config.cgroup)
-            log.info("stale_udp_flows_ended", backends=sorted(str(b) for b in gone), sockets=destroyed)
+    def _tend_pods(self) -> None:
+        """Finds the pods' cgroups again and programs what moved: kubelet makes and removes pod
+        cgroups on its own schedule, which no object change announces."""
+        self.mesh.rescan()
+        self.mesh.apply()
+        status = dataclasses.asdict(self.mesh.status())
+        if status != self.state.mesh:
+            self.state.mesh = status
+            if self.state.syncs:
+                statefile.write(self.config.run_dir, self.state, names=False)
+
+    def _end_stale_flows(self, moved: planner.Moved, plan: desired.DesiredState) -> None:
+        """Connected UDP sockets keep the backend they got at connect, and dropped sockets the
+        drop address: when that peer serves them no more, end them so the application's next
+        socket is balanced afresh. Then the drop action's program may go, if unused."""
+        gone = self._pinned.update(moved, plan.service_ports)
+        if gone:
+            destroyed = sockdiag.destroy_sockets_to(gone, cgroup=self.config.cgroup)
+            log.info("stale_udp_flows_ended", peers=sorted(str(p) for p in gone), sockets=destroyed)
+        self.datapath.release_unused()
 
     def _report(self, problems: Sequence[model.Problem]) -> None:
         """Logs each problem once, when it appears, and says when it is gone."""
@@ -250,6 +283,8 @@ class Agent:
             if not synced:
                 self._plan_ahead()
                 self._note_source_status()
+                if self.state.syncs:
+                    self._tend_pods()
             if not stop.is_set():
                 self.source.wait(self.config.interval)
 
@@ -276,6 +311,17 @@ class Agent:
             log.info("source_status", **status)
 
 
+def _start_xds(config: AgentConfig) -> XdsServer | None:
+    if not config.xds_listen:
+        return None
+    from meshredirect import xds  # grpc and Envoy's protobufs: loaded only when serving xDS
+
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    server = xds.XdsServer(config.xds_listen, options=xds.Options(outbound_port=config.mesh.outbound_port))
+    server.start()
+    return server
+
+
 def run(config: AgentConfig, *, stop: threading.Event) -> None:
     """Runs the agent until `stop` is set. The datapath stays in place when it returns."""
     log.info("agent_starting", node=config.node_name, cgroup=str(config.cgroup), bpffs=str(config.bpffs))
@@ -286,9 +332,16 @@ def run(config: AgentConfig, *, stop: threading.Event) -> None:
         source = ManifestSource(config.manifests, objects=objects, interval=config.interval)
     else:
         source = ApiSource(objects, kubeconfig=config.kubeconfig, node_name=config.node_name)
+    xds_server = _start_xds(config)
+    the_agent = None
     try:
-        Agent(config, source=source, objects=objects, dp=dp).run(stop)
+        the_agent = Agent(config, source=source, objects=objects, dp=dp, xds_server=xds_server)
+        the_agent.run(stop)
     finally:
+        if the_agent is not None and the_agent.xds is not None:
+            the_agent.xds.close()
+        elif xds_server is not None:
+            xds_server.stop()
         source.close()
         dp.close()
         log.info("agent_stopped", datapath="left in place")

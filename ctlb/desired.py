@@ -11,6 +11,7 @@ import enum
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ctlb import model
 
@@ -78,6 +79,15 @@ class ServicePortName:
 SourceRange = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+class FrontendGroup(NamedTuple):
+    """Frontends of one service port that lead to the same backends, with the same verdict when
+    there are none: dropped (`drop`) or refused."""
+
+    backends: tuple[Backend, ...]
+    drop: bool
+    frontends: tuple[Frontend, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class ServicePortState:
     """One service port of one family: its frontends and what a connection to each gets.
@@ -123,14 +133,22 @@ class ServicePortState:
             return self.backends
         return self.external_backends
 
-    def frontend_groups(self) -> list[tuple[tuple[Backend, ...], tuple[Frontend, ...]]]:
+    def drops_at(self, kind: FrontendKind) -> bool:
+        """Whether a connection at a frontend of this kind is dropped (not refused) for want of
+        backends: `drop` applies wherever `backends` does."""
+        return self.drop and not self.backends_for(kind) and (
+            kind is FrontendKind.CLUSTER_IP or self.external_backends is None)
+
+    def frontend_groups(self) -> list[FrontendGroup]:
         """The frontends grouped by the backend set they point at: one group in the common case."""
-        if self.external_backends is None:  # every kind gets `backends`: no need to hash the sets
-            return [(self.backends, tuple(self.frontends))] if self.frontends else []
-        groups: dict[tuple[Backend, ...], list[Frontend]] = {}
+        if self.external_backends is None:
+            # Every kind gets `backends` and drops alike: one group, without hashing the sets.
+            return [FrontendGroup(self.backends, self.drops_at(FrontendKind.CLUSTER_IP), tuple(self.frontends))
+                    ] if self.frontends else []
+        groups: dict[tuple[tuple[Backend, ...], bool], list[Frontend]] = {}
         for frontend, kind in self.frontends.items():
-            groups.setdefault(self.backends_for(kind), []).append(frontend)
-        return [(backends, tuple(frontends)) for backends, frontends in groups.items()]
+            groups.setdefault((self.backends_for(kind), self.drops_at(kind)), []).append(frontend)
+        return [FrontendGroup(backends, drop, tuple(frontends)) for (backends, drop), frontends in groups.items()]
 
 
 @dataclass(frozen=True, slots=True)

@@ -446,6 +446,7 @@ def _pod(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> model.Pod:
         labels=_string_pairs(meta, "labels"),
         annotations=_string_pairs(meta, "annotations"),
         qos_class=_string(status, "qosClass", path="status"),
+        host_network=spec.get("hostNetwork") is True,
     )
 
 

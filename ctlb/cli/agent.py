@@ -12,6 +12,7 @@ import threading
 from ctlb import agent, datapath, logs
 from ctlb.cli import common
 from ctlb.datapath import cgroup
+from meshredirect import switch
 
 EPILOG = """examples:
   ctlb agent                                      # in a pod: watch the API server (in-cluster config)
@@ -39,6 +40,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-backends", type=int, default=sizes.backends, help="entries per backend map")
     p.add_argument("--max-revnat", type=int, default=sizes.revnat, help="entries per socket reverse-NAT map")
     p.add_argument("--max-affinity", type=int, default=sizes.affinity, help="entries per affinity map")
+    mesh = switch.MeshSettings()
+    p.add_argument("--mesh-label", type=_label, action="append", default=None, metavar="KEY=VALUE",
+                   help="a namespace label that puts its pods in the mesh (repeatable; default: "
+                        + ", ".join(str(label) for label in mesh.namespace_labels) + ")")
+    p.add_argument("--mesh-opt-out", default=mesh.opt_out_key, metavar="KEY",
+                   help=f'a pod annotation or label that, set to "false", keeps it out of the mesh (default {mesh.opt_out_key})')
+    p.add_argument("--sidecar-uid", type=int, default=mesh.sidecar_uid,
+                   help=f"uid of the sidecar proxy, whose connections are never redirected (default {mesh.sidecar_uid})")
+    p.add_argument("--sidecar-port", type=_port, default=mesh.outbound_port,
+                   help=f"the sidecar's outbound port on loopback (default {mesh.outbound_port})")
+    p.add_argument("--xds-listen", action="append", default=None, metavar="ADDR",
+                   help="where the sidecars' xDS server listens: unix:/path or host:port (repeatable; "
+                        "default unix:<run dir>/xds.sock; 'none' for no xDS server)")
     p.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None,
                    help="JSON log lines (default: when stderr is not a terminal)")
     p.set_defaults(func=run)
@@ -56,9 +70,32 @@ def run(args: argparse.Namespace) -> int:
         run_dir=args.run_dir,
         sizes=datapath.MapSizes(frontends=args.max_frontends, backends=args.max_backends,
                                 revnat=args.max_revnat, affinity=args.max_affinity),
+        xds_listen=_xds_listen(args.xds_listen, run_dir=args.run_dir),
+        mesh=switch.MeshSettings(
+            namespace_labels=tuple(args.mesh_label) if args.mesh_label else switch.MeshSettings().namespace_labels,
+            opt_out_key=args.mesh_opt_out, sidecar_uid=args.sidecar_uid, outbound_port=args.sidecar_port),
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     agent.run(config, stop=stop)
     return 0
+
+
+def _label(text: str) -> switch.Label:
+    try:
+        return switch.Label.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
+    return int(text)
+
+
+def _xds_listen(given: list[str] | None, *, run_dir: pathlib.Path) -> tuple[str, ...]:
+    if given is None:
+        return (f"unix:{run_dir / 'xds.sock'}",)
+    return tuple(a for a in given if a != "none")

@@ -39,6 +39,7 @@ def collect(args: argparse.Namespace) -> list[dict[str, object]]:
             "svc_id": value.svc_id,
             "backends": [str(b) for b in backends],
             "affinity_timeout": value.affinity_timeout if value.flags & tables.LB_F_AFFINITY else None,
+            "drop": not value.count and bool(value.flags & tables.LB_F_DROP),
         })
     return rows
 
@@ -52,6 +53,6 @@ def run(args: argparse.Namespace) -> int:
     print(common.table(
         ["FRONTEND", "KIND", "SERVICE", "BACKENDS", "AFFINITY"],
         [[str(r["frontend"]), str(r["kind"]), str(r["service"]),
-          ", ".join(r["backends"]) or "(none: refused)",  # type: ignore[arg-type]
+          ", ".join(r["backends"]) or ("(none: dropped)" if r["drop"] else "(none: refused)"),  # type: ignore[arg-type]
           f"{r['affinity_timeout']}s" if r["affinity_timeout"] else "-"] for r in rows]))
     return 0

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from ctlb import statefile
 from ctlb.cli import common
-from ctlb.datapath import inspect, programs, reconcile
+from ctlb.datapath import inspect, programs, reconcile, tables
 
 EPILOG = """examples:
   ctlb status             # table; exit 0 only when the datapath matches the source
@@ -51,8 +51,11 @@ def collect(args: argparse.Namespace) -> Status:
         st.maps = [{"map": f.name, "entries": f.entries, "max_entries": f.max_entries} for f in found.fill]
         st.frontends = len(found.programmed.frontends)
         st.backends = sum(len(b) for b in found.programmed.sets.values())
-        if len(found.attachments) != len(programs.HOOKS):
-            st.reasons.append(f"{len(found.attachments)} of {len(programs.HOOKS)} programs attached")
+        missing = _missing_hooks(found)
+        if missing:
+            expected = _expected_hooks(found)
+            st.reasons.append(f"{len(expected) - len(missing)} of {len(expected)} programs attached "
+                              f"(missing: {', '.join(missing)})")
     if agent is None:
         st.reasons.append(f"no agent state in {args.run_dir}")
     else:
@@ -60,6 +63,7 @@ def collect(args: argparse.Namespace) -> Status:
                     "last_sync": agent.last_sync, "syncs": agent.syncs, "cgroup": agent.cgroup}
         st.problems = agent.problems
         st.agent["source_status"] = agent.source_status
+        st.agent["mesh"] = agent.mesh
         stale = agent.source_status.get("stale_since")
         if stale:
             error = agent.source_status.get("last_error")
@@ -75,6 +79,17 @@ def collect(args: argparse.Namespace) -> Status:
             st.reasons.append("agent has not synced yet")
     st.in_sync = not st.reasons
     return st
+
+
+def _expected_hooks(found: inspect.Inspection) -> tuple[programs.Hook, ...]:
+    """Every hook, and the drop action's egress hook only while a programmed frontend needs it."""
+    egress = any(v.flags & tables.NEEDS_EGRESS for v in found.programmed.frontends.values())
+    return programs.expected_hooks(egress=egress)
+
+
+def _missing_hooks(found: inspect.Inspection) -> list[str]:
+    attached = {a.hook for a in found.attachments}
+    return [h.name for h in _expected_hooks(found) if h.name not in attached]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,6 +110,12 @@ def render(st: Status) -> str:
                    f"node {st.agent['node']}, {st.agent['source']}")
         out.append(f"Last sync:   {st.agent['last_sync']} ({st.agent['syncs']} syncs)")
     out.append(f"Programmed:  {st.frontends} frontends, {st.backends} backend slots")
+    mesh = st.agent.get("mesh") if st.agent else None
+    if isinstance(mesh, dict) and mesh:
+        out.append(f"Pods:        {mesh.get('pods', 0)} on this node, {mesh.get('meshed', 0)} in the mesh")
+        waiting = mesh.get("waiting") or []
+        if waiting:
+            out.append(f"  - no cgroup found yet for: {', '.join(str(w) for w in waiting)}")
     if st.attached:
         out += ["", common.table(["HOOK", "PROGRAM", "PROG ID", "CGROUP ID"],
                                  [[str(a["hook"]), str(a["program"]), str(a["prog_id"]), str(a["cgroup_id"])]

@@ -20,10 +20,12 @@ log = structlog.get_logger()
 class Datapath:
     """Programs loaded and attached, maps adopted: ready to take desired states."""
 
-    def __init__(self, *, bpf: object, pinned: dict[str, maps.PinnedMap]) -> None:
+    def __init__(self, *, bpf: object, pinned: dict[str, maps.PinnedMap],
+                 egress: programs.OnDemand | None = None) -> None:
         self._bpf = bpf
         self.pinned = pinned
-        self.reconciler = reconcile.Reconciler(tables.kernel_tables(pinned))
+        self.egress = egress
+        self.reconciler = reconcile.Reconciler(tables.kernel_tables(pinned), egress=egress)
         self._pending_attach: Callable[[], None] | None = None
 
     @classmethod
@@ -39,7 +41,9 @@ class Datapath:
         bpf, prog_fds = programs.compile_and_load(bpffs, programs.sizes_of_pins(bpffs, sizes))
         pinned = maps.open_pinned(bpffs, maps.layouts_of(bpf))
         _warn_on_size_change(pinned, sizes)
-        datapath = cls(bpf=bpf, pinned=pinned)
+        egress = programs.OnDemand(programs.EGRESS, cgroup_path=cgroup, bpffs=bpffs,
+                                   prog_fd=prog_fds[programs.EGRESS.program])
+        datapath = cls(bpf=bpf, pinned=pinned, egress=egress)
 
         def attach() -> None:
             programs.attach(cgroup, bpffs, prog_fds)
@@ -63,6 +67,13 @@ class Datapath:
             self._pending_attach = None
             log.info("programs_swapped_in", after="first apply")
         return outcome
+
+    def release_unused(self) -> None:
+        """Detaches the egress program when no programmed frontend drops any more. `apply`
+        attaches it before it is needed but leaves it attached, so that the caller can first
+        end the sockets still sent to the drop address (their packets would otherwise leave)."""
+        if self.egress is not None and not self.reconciler.needs_egress():
+            self.egress.release()
 
     def close(self) -> None:
         """Releases this process's handles; programs and pins stay (restarts drop nothing)."""

@@ -1,8 +1,12 @@
-"""Compiles, loads and attaches the socket programs; detaches and unpins them on uninstall.
+"""Compiles, loads and attaches the programs; detaches and unpins them on uninstall.
 
 Attachments are BPF links pinned in the bpffs folder, so they outlive the agent (a restarting
 agent drops nothing), and a new agent swaps its programs in with one `link_update` per hook:
 no moment with no program attached and none with two.
+
+Most hooks are attached for as long as ctlb is installed. An on-demand hook (the egress program
+of the drop action, which runs on every packet) is attached only while something needs it:
+`OnDemand` switches it.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import pathlib
+import dataclasses
 from dataclasses import dataclass
 
 import structlog
@@ -20,6 +25,7 @@ from ctlb.datapath import cgroup, libbpf, maps
 log = structlog.get_logger()
 
 # enum bpf_attach_type (uapi/linux/bpf.h)
+CGROUP_INET_EGRESS = 1
 CGROUP_INET4_CONNECT = 10
 CGROUP_INET6_CONNECT = 11
 CGROUP_UDP4_SENDMSG = 14
@@ -28,21 +34,40 @@ CGROUP_UDP4_RECVMSG = 19
 CGROUP_UDP6_RECVMSG = 20
 CGROUP_INET4_GETPEERNAME = 29
 CGROUP_INET6_GETPEERNAME = 30
+CGROUP_SOCK_OPS = 3
+CGROUP_GETSOCKOPT = 21
 
 # enum bpf_prog_type (uapi/linux/bpf.h); bcc 0.26's Python lacks some (CGROUP_SOCKOPT).
+PROG_CGROUP_SKB = 8
+PROG_SOCK_OPS = 13
 PROG_CGROUP_SOCK_ADDR = 18
+PROG_CGROUP_SOCKOPT = 25
+
+# The program files, one per hook family, compiled as one source: bcc compiles one source per
+# BPF object, at ~0.4 s of fixed cost each, and makes programs only of the functions of its main
+# file (an #include'd file's entry points would not load).
+PROGRAM_FILES = ("sock.c", "drop.c")
 
 
 @dataclass(frozen=True, slots=True)
 class Hook:
-    program: str  # entry point in bpf/sock.c
+    program: str  # entry point in bpf/ (sock.c, drop.c)
     attach_type: int
     prog_type: int = PROG_CGROUP_SOCK_ADDR
+    on_demand: bool = False  # attached only while needed (`OnDemand`), not by `attach`
+
+    @property
+    def name(self) -> str:
+        return self.program.removeprefix("ctlb_")
 
     @property
     def link_pin(self) -> str:
-        return "link_" + self.program.removeprefix("ctlb_")
+        return "link_" + self.name
 
+
+# cgroup_skb egress: discards what the socket programs sent to the drop address (bpf/drop.c).
+# It costs every packet the node's sockets send, so it is attached only while a frontend may drop.
+EGRESS = Hook("ctlb_egress", CGROUP_INET_EGRESS, PROG_CGROUP_SKB, on_demand=True)
 
 HOOKS: tuple[Hook, ...] = (
     Hook("ctlb_connect4", CGROUP_INET4_CONNECT),
@@ -53,7 +78,17 @@ HOOKS: tuple[Hook, ...] = (
     Hook("ctlb_sendmsg6", CGROUP_UDP6_SENDMSG),
     Hook("ctlb_recvmsg6", CGROUP_UDP6_RECVMSG),
     Hook("ctlb_getpeer6", CGROUP_INET6_GETPEERNAME),
+    # The sidecar mesh: record redirected connections, answer SO_ORIGINAL_DST.
+    Hook("ctlb_sockops", CGROUP_SOCK_OPS, PROG_SOCK_OPS),
+    Hook("ctlb_getsockopt", CGROUP_GETSOCKOPT, PROG_CGROUP_SOCKOPT),
+    EGRESS,
 )
+
+
+def expected_hooks(*, egress: bool) -> tuple[Hook, ...]:
+    """The hooks that must be attached: every one but the on-demand egress hook, and that one
+    too when `egress` (some frontend may drop)."""
+    return tuple(h for h in HOOKS if not h.on_demand or (h is EGRESS and egress))
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +97,9 @@ class MapSizes:
     backends: int = 524288  # backend slots per family
     revnat: int = 262144  # per-socket reverse-NAT slots per family (rounded up to a power of two)
     affinity: int = 131072
+    pods: int = 4096  # pods of this node
+    mesh_rules: int = 65536  # per map: mesh exclusion ranges and ports, all pods together
+    mesh_conns: int = 65536  # per family: original destinations of redirected connections
 
     @property
     def frontend_slots(self) -> int:
@@ -86,7 +124,15 @@ class MapSizes:
             return self.sock_slots
         if name in maps.REVNAT.values():
             return self.revnat_spill
-        return self.affinity
+        if name in maps.AFFINITY.values():
+            return self.affinity
+        if name == maps.SETTINGS:
+            return 1
+        if name == maps.PODS:
+            return self.pods
+        if name in maps.MESH_CONNS.values():
+            return self.mesh_conns
+        return self.mesh_rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,11 +183,11 @@ def sizes_of_pins(bpffs: pathlib.Path, sizes: MapSizes) -> MapSizes:
             os.close(fd)
     frontends = found[maps.FRONTENDS[4]] // 2 if maps.FRONTENDS[4] in found else sizes.frontends
     revnat = found.get(maps.SOCKETS[4], sizes.revnat)
-    return MapSizes(frontends=frontends, backends=sizes.backends, revnat=revnat, affinity=sizes.affinity)
+    return dataclasses.replace(sizes, frontends=frontends, revnat=revnat)
 
 
 def compile_and_load(bpffs: pathlib.Path, sizes: MapSizes) -> tuple[object, dict[str, int]]:
-    """Compiles bpf/sock.c, opening (or creating and pinning) its maps in `bpffs`.
+    """Compiles the program files, opening (or creating and pinning) their maps in `bpffs`.
 
     Returns the bcc BPF object (keep it alive while the programs are being attached) and the
     program fds by entry-point name.
@@ -157,26 +203,88 @@ def compile_and_load(bpffs: pathlib.Path, sizes: MapSizes) -> tuple[object, dict
         f"-DCTLB_SOCK_SLOTS={sizes.sock_slots}",
         f"-DCTLB_REVNAT_MAX={sizes.revnat_spill}",
         f"-DCTLB_AFFINITY_MAX={sizes.affinity}",
+        f"-DCTLB_PODS_MAX={sizes.pods}",
+        f"-DCTLB_MESH_RULES_MAX={sizes.mesh_rules}",
+        f"-DCTLB_MESH_CONNS_MAX={sizes.mesh_conns}",
         "-w",
     ]
     try:
-        bpf = BPF(src_file=str(src / "sock.c").encode(), cflags=cflags)
+        bpf = BPF(text=program_text(src), cflags=cflags)
         fds = {h.program: bpf.load_func(h.program.encode(), h.prog_type,
                                         attach_type=h.attach_type).fd for h in HOOKS}
     except Exception as exc:  # bcc raises bare Exception for compile and verifier failures
-        raise errors.DatapathError(f"loading bpf/sock.c failed: {exc}") from exc
+        raise errors.DatapathError(f"loading bpf/{{{','.join(PROGRAM_FILES)}}} failed: {exc}") from exc
     return bpf, fds
 
 
+def program_text(src: pathlib.Path) -> bytes:
+    """The program files joined into one source, each behind a line marker so the compiler's
+    messages name the file and line they come from."""
+    return b"".join(b'#line 1 "%s"\n' % str(src / name).encode() + (src / name).read_bytes() + b"\n"
+                    for name in PROGRAM_FILES)
+
+
 def attach(cgroup_path: pathlib.Path, bpffs: pathlib.Path, prog_fds: dict[str, int]) -> None:
-    """Attaches every hook to `cgroup_path`, replacing the programs of pinned links in place."""
+    """Attaches every hook to `cgroup_path`, replacing the programs of pinned links in place.
+    An on-demand hook is only swapped to this version's program if it is attached already."""
+    for hook in HOOKS:
+        if not hook.on_demand or (bpffs / hook.link_pin).exists():
+            attach_hook(hook, cgroup_path, bpffs, prog_fds[hook.program])
+
+
+def attach_hook(hook: Hook, cgroup_path: pathlib.Path, bpffs: pathlib.Path, prog_fd: int) -> None:
+    """Attaches one hook to `cgroup_path` through a pinned link, or swaps its program in."""
     target = cgroup.cgroup_id(cgroup_path)
     cg_fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for hook in HOOKS:
-            _attach_one(hook, cg_fd, target, bpffs / hook.link_pin, prog_fds[hook.program])
+        _attach_one(hook, cg_fd, target, bpffs / hook.link_pin, prog_fd)
     finally:
         os.close(cg_fd)
+
+
+def detach_hook(hook: Hook, bpffs: pathlib.Path) -> bool:
+    """Detaches one hook and removes its link pin; False if it was not attached."""
+    pin = bpffs / hook.link_pin
+    fd = _open_link(pin)
+    if fd is None:
+        return False
+    try:
+        libbpf.link_detach(fd)
+    finally:
+        os.close(fd)
+    pin.unlink()
+    return True
+
+
+class OnDemand:
+    """Switches an on-demand hook: attached before its first user, detached after its last.
+
+    Whether it is attached is read from its link pin, so a restarted agent picks up where the
+    last one left it.
+    """
+
+    def __init__(self, hook: Hook, *, cgroup_path: pathlib.Path, bpffs: pathlib.Path, prog_fd: int) -> None:
+        self.hook = hook
+        self._cgroup = cgroup_path
+        self._bpffs = bpffs
+        self._prog_fd = prog_fd
+        self._attached = (bpffs / hook.link_pin).exists()
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    def ensure(self) -> None:
+        if not self._attached:
+            attach_hook(self.hook, self._cgroup, self._bpffs, self._prog_fd)
+            self._attached = True
+            log.info("program_attached_on_demand", hook=self.hook.program)
+
+    def release(self) -> None:
+        if self._attached:
+            detach_hook(self.hook, self._bpffs)
+            self._attached = False
+            log.info("program_detached_on_demand", hook=self.hook.program)
 
 
 def _attach_one(hook: Hook, cg_fd: int, target: int, pin: pathlib.Path, prog_fd: int) -> None:
@@ -222,7 +330,7 @@ def attachments(bpffs: pathlib.Path) -> list[Attachment]:
         finally:
             os.close(fd)
         name = libbpf.prog_name(info.prog_id) if info.prog_id else ""
-        found.append(Attachment(hook=hook.program.removeprefix("ctlb_"), program=name,
+        found.append(Attachment(hook=hook.name, program=name,
                                 prog_id=info.prog_id, cgroup_id=info.cgroup_id))
     return found
 
@@ -242,18 +350,7 @@ def remove_legacy_maps(bpffs: pathlib.Path) -> list[str]:
 
 def uninstall(bpffs: pathlib.Path) -> list[str]:
     """Detaches every program and removes every pin under `bpffs`. Returns what it removed."""
-    removed: list[str] = []
-    for hook in HOOKS:
-        pin = bpffs / hook.link_pin
-        fd = _open_link(pin)
-        if fd is None:
-            continue
-        try:
-            libbpf.link_detach(fd)
-        finally:
-            os.close(fd)
-        pin.unlink()
-        removed.append(pin.name)
+    removed = [hook.link_pin for hook in HOOKS if detach_hook(hook, bpffs)]
     if bpffs.is_dir():
         for entry in sorted(bpffs.iterdir()):
             # Only ctlb's own pins: the folder may be shared with other tools.

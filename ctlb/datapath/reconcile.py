@@ -8,6 +8,10 @@ already programmed is lost.
 
 The reconciler keeps a shadow of what it programmed; it reads the maps once, at adoption, so a
 restarted agent takes over what the last one left without rewriting it.
+
+A frontend that drops (LB_F_DROP) needs the egress program that discards what is sent to the drop
+address: the reconciler has it attached (`Egress.ensure`) before it writes the first such
+frontend, and says when none is left (`needs_egress`), so the caller can detach it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import operator
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 
@@ -134,20 +139,29 @@ class Ranges:
         return self._length.pop(start)
 
 
+def _view_entry(backends: Iterable[object], affinity: int | None, drop: bool) -> dict[str, object]:
+    """One frontend's view entry. `drop` is only present when set, so the entries (and digests)
+    of every frontend that does not drop read as they did before dropping existed."""
+    entry: dict[str, object] = {"backends": sorted(str(b) for b in backends), "affinity": affinity}
+    if drop:
+        entry["drop"] = True
+    return entry
+
+
 def datapath_view(frontends: Mapping[desired.Frontend, tables.FrontendValue],
                   sets: Mapping[tuple[int, int], tuple[desired.Backend, ...]]) -> dict[str, object]:
-    """What a client observes, id-free: frontend -> backends and affinity. Two datapaths with the
-    same view balance alike; `ctlb status` compares views to tell whether the maps are in sync."""
+    """What a client observes, id-free: frontend -> backends, affinity, and drop. Two datapaths
+    with the same view balance alike; `ctlb status` compares views to tell whether the maps are
+    in sync."""
     view: dict[str, object] = {}
     for fe, value in sorted(frontends.items()):
         fam = fe.address.version
         backends = sets.get((fam, value.set_id), ()) if value.count else ()
         if len(backends) != value.count:
             backends = ("<incomplete>",)  # type: ignore[assignment]
-        view[str(fe)] = {
-            "backends": sorted(str(b) for b in backends),
-            "affinity": value.affinity_timeout if value.flags & tables.LB_F_AFFINITY else None,
-        }
+        view[str(fe)] = _view_entry(
+            backends, value.affinity_timeout if value.flags & tables.LB_F_AFFINITY else None,
+            drop=not value.count and bool(value.flags & tables.LB_F_DROP))
     return view
 
 
@@ -161,9 +175,9 @@ def desired_view(state: desired.DesiredState) -> dict[str, object]:
 def service_port_view(sp: desired.ServicePortState) -> dict[str, object]:
     """The view entries of one service port's frontends."""
     view: dict[str, object] = {}
-    for backends, frontends in sp.frontend_groups():
-        value = {"backends": sorted(str(b) for b in backends), "affinity": sp.affinity_timeout}
-        view.update((str(fe), value) for fe in frontends)
+    for group in sp.frontend_groups():
+        value = _view_entry(group.backends, sp.affinity_timeout, drop=group.drop)
+        view.update((str(fe), value) for fe in group.frontends)
     return view
 
 
@@ -181,12 +195,27 @@ def combine(total: int) -> str:
     return f"{total % (1 << 64):016x}"
 
 
+class Egress(Protocol):
+    """The egress program of the drop action, attached on demand (`programs.OnDemand`)."""
+
+    def ensure(self) -> None:
+        """Attaches it if it is not attached."""
+        ...
+
+
+def _needs_egress(value: tables.FrontendValue) -> bool:
+    return bool(value.flags & tables.NEEDS_EGRESS)
+
+
 class Reconciler:
     """Owns the frontend, backend and member maps of both families."""
 
-    def __init__(self, family_tables: Mapping[int, tables.FamilyTables]) -> None:
+    def __init__(self, family_tables: Mapping[int, tables.FamilyTables], *, egress: Egress | None = None) -> None:
         self._tables = family_tables
+        self._egress = egress
         self.programmed = read_programmed(family_tables)
+        # Frontends whose flags need the egress program: it must be attached while this is > 0.
+        self._egress_users = sum(1 for v in self.programmed.frontends.values() if _needs_egress(v))
         self.svc_ids: dict[desired.ServicePortName, int] = {}
         self.service_of: dict[int, desired.ServicePortName] = {}
         used_sets = [set_id for (_, set_id) in self.programmed.sets] + [
@@ -223,6 +252,8 @@ class Reconciler:
         that failed last time) when the caller knows, else found by walking `state`.
         """
         self._writes = self._deletes = 0
+        if self._first_pass and self._egress_users:
+            self._ensure_egress()  # adopted frontends drop: make sure what they rely on is there
         if self._first_pass:
             changed = dict(state.service_ports)
             removed: dict[desired.ServicePortName, desired.ServicePortState] = {}
@@ -261,6 +292,14 @@ class Reconciler:
 
     def view(self) -> dict[str, object]:
         return datapath_view(self.programmed.frontends, self.programmed.sets)
+
+    def needs_egress(self) -> bool:
+        """Whether some programmed frontend relies on the egress program."""
+        return self._egress_users > 0
+
+    def _ensure_egress(self) -> None:
+        if self._egress is not None:
+            self._egress.ensure()
 
     # --- ids ----------------------------------------------------------------------------------
 
@@ -329,6 +368,7 @@ class Reconciler:
         self._tables[fam].frontends.delete(fe)
         old = self.programmed.frontends.pop(fe)
         self._unreference(fam, old.set_id)
+        self._egress_users -= _needs_egress(old)
         self._fe_count[fam] -= 1
         self._deletes += 1
 
@@ -340,8 +380,8 @@ class Reconciler:
         fam = 4 if sp.name.family == model.IPFamily.IPv4 else 6
         svc_id = self.svc_ids[sp.name]
         try:
-            for backends, frontends in sp.frontend_groups():
-                self._program_group(fam, svc_id, sp, backends=backends, frontends=frontends)
+            for group in sp.frontend_groups():
+                self._program_group(fam, svc_id, sp, group)
         except errors.MapFull as exc:
             log.warning("service_port_not_programmed", service_port=str(sp.name), reason=str(exc))
             return model.Problem(ref=f"Service {sp.name.namespace}/{sp.name.name}",
@@ -349,32 +389,38 @@ class Reconciler:
                                         f"({sp.name.family}) not programmed: {exc}")
         return None
 
-    def _program_group(self, fam: int, svc_id: int, sp: desired.ServicePortState, *,
-                       backends: tuple[desired.Backend, ...], frontends: tuple[desired.Frontend, ...]) -> None:
-        """Points `frontends` (of one service port) at a set holding `backends`."""
-        set_id, start = self._ensure_set(fam, backends, frontends)
+    def _program_group(self, fam: int, svc_id: int, sp: desired.ServicePortState,
+                       group: desired.FrontendGroup) -> None:
+        """Points the group's frontends (of one service port) at a set holding its backends."""
+        set_id, start = self._ensure_set(fam, group.backends, group.frontends)
         if sp.affinity_timeout is not None:
-            self._ensure_members(fam, svc_id, backends)
+            self._ensure_members(fam, svc_id, group.backends)
+        flags = tables.LB_F_AFFINITY if sp.affinity_timeout is not None else 0
+        if group.drop:
+            flags |= tables.LB_F_DROP
         value = tables.FrontendValue(
-            svc_id=svc_id, set_id=set_id, count=len(backends),
-            affinity_timeout=sp.affinity_timeout or 0,
-            flags=tables.LB_F_AFFINITY if sp.affinity_timeout is not None else 0,
-            start=start,
+            svc_id=svc_id, set_id=set_id, count=len(group.backends),
+            affinity_timeout=sp.affinity_timeout or 0, flags=flags, start=start,
         )
-        self._write_frontends(fam, frontends, value)
+        self._write_frontends(fam, group.frontends, value)
 
     def _write_frontends(self, fam: int, frontends: tuple[desired.Frontend, ...], value: tables.FrontendValue) -> None:
         table = self._tables[fam].frontends
         new = [fe for fe in frontends if fe not in self.programmed.frontends]
         # Checked before the first write, so a frontend group is programmed whole or not at all
-        # (a group of one is: its one write fails or not, which the table checks itself).
-        if self._fe_count[fam] + len(new) > table.max_entries or (len(frontends) > 1 and not table.room_for(new)):
+        # (a group of one is: its one write fails or not, which the table checks itself, unless
+        # it drops: the egress program is attached before that write, so it must fit first).
+        whole = len(frontends) > 1 or _needs_egress(value)
+        if self._fe_count[fam] + len(new) > table.max_entries or (whole and not table.room_for(new)):
             raise errors.MapFull(table.name, table.max_entries)
         for fe in sorted(frontends) if len(frontends) > 1 else frontends:
             old = self.programmed.frontends.get(fe)
             if old == value:
                 continue
+            if _needs_egress(value):
+                self._ensure_egress()  # before a socket can be sent to the drop address
             table.put(fe, value)
+            self._egress_users += _needs_egress(value) - (old is not None and _needs_egress(old))
             if old is None:
                 self._fe_count[fam] += 1
             else:
@@ -508,4 +554,4 @@ class Reconciler:
 
 
 def _all_backends(sp: desired.ServicePortState) -> set[desired.Backend]:
-    return {b for backends, _ in sp.frontend_groups() for b in backends}
+    return {b for group in sp.frontend_groups() for b in group.backends}

@@ -1,4 +1,4 @@
-"""Ends connected UDP sockets whose backend stopped serving, through sock_diag's SOCK_DESTROY.
+"""Ends the sockets left pinned to a peer that no longer serves them, through sock_diag's SOCK_DESTROY.
 
 A connected UDP socket was translated once, at connect; the kernel then sends straight to the
 backend and no socket program sees it again. When that backend goes (a DNS pod deleted), kube-proxy
@@ -6,6 +6,14 @@ clears the flow's conntrack entry and the next datagram is balanced afresh; with
 balancing the socket would stay pinned to the dead address forever. Destroying it disconnects it:
 the application's next send fails with EDESTADDRREQ (a blocked receive with ECONNABORTED), and
 resolvers open a new socket, which connect balances over the backends that serve.
+
+The drop action pins sockets the same way, to the drop address: a connected UDP socket, and a TCP
+socket still retransmitting its SYN. When its Service stops dropping (an endpoint appeared on this
+node), kube-proxy would let the next datagram or SYN through; here those sockets are ended, the TCP
+connect failing with ECONNABORTED at once instead of timing out.
+
+What is pinned where is tracked by `PinnedPeers`, seeded at start from the maps the last agent
+left, so a backend removed while no agent ran is let go of on the first sync too.
 
 Sockets live in the pods' network namespaces: each is entered from a short-lived thread (setns
 changes only the calling thread), found from the processes of the cgroup tree ctlb is attached to.
@@ -27,6 +35,7 @@ from dataclasses import dataclass
 import structlog
 
 from ctlb import desired, model
+from ctlb.datapath import reconcile, tables
 
 log = structlog.get_logger()
 
@@ -39,7 +48,13 @@ _NLM_F_DUMP = 0x300
 _NLMSG_ERROR = 0x2
 _NLMSG_DONE = 0x3
 _TCP_ESTABLISHED = 1  # what a connected UDP socket's state reads as
+_TCP_SYN_SENT = 2
 _CLONE_NEWNET = 0x40000000
+
+# The socket states that can be pinned to a peer: a connected UDP socket, a TCP connect that
+# has not been answered (only the drop address never answers). SCTP sockets are not reachable
+# through inet_diag: an SCTP peer is tracked but nothing is destroyed.
+_PINNED_STATES = {socket.IPPROTO_UDP: 1 << _TCP_ESTABLISHED, socket.IPPROTO_TCP: 1 << _TCP_SYN_SENT}
 
 _NLMSG_HDR = struct.Struct("=IHHII")
 # struct inet_diag_sockid: ports big-endian, addresses as 16 raw bytes, interface, cookie.
@@ -50,49 +65,91 @@ _MSG_HEAD = struct.Struct("=BBBB")  # family, state, timer, retrans; the sockid 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class UdpBackends:
-    """Counts the UDP service ports each backend serves, to tell when one serves none any more.
+@dataclass(frozen=True, slots=True, order=True)
+class Peer:
+    """An address a translated socket can stay pinned to."""
 
-    A backend that leaves one Service but still serves another is alive: its sockets stay.
+    protocol: model.Protocol
+    address: model.IPAddress
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
+        return f"{host}:{self.port}/{self.protocol}"
+
+
+def drop_address(version: int) -> model.IPAddress:
+    return tables.DROP_ADDR4 if version == 4 else tables.DROP_ADDR6
+
+
+def service_port_peers(sp: desired.ServicePortState | None) -> set[Peer]:
+    """The peers sockets of a service port can be pinned to: every backend of a UDP service
+    port; the drop address at the port of each frontend that drops."""
+    if sp is None:
+        return set()
+    peers: set[Peer] = set()
+    for group in sp.frontend_groups():
+        if sp.name.protocol is model.Protocol.UDP:
+            peers.update(Peer(model.Protocol.UDP, b.address, b.port) for b in group.backends)
+        if group.drop:
+            peers.update(Peer(fe.protocol, drop_address(fe.address.version), fe.port) for fe in group.frontends)
+    return peers
+
+
+def programmed_peers(programmed: reconcile.Programmed) -> set[Peer]:
+    """The peers the programmed maps pin sockets to: what a restarted agent finds left by the
+    last one."""
+    peers: set[Peer] = set()
+    for fe, value in programmed.frontends.items():
+        if fe.protocol is model.Protocol.UDP and value.count:
+            backends = programmed.sets.get((fe.address.version, value.set_id), ())
+            peers.update(Peer(model.Protocol.UDP, b.address, b.port) for b in backends)
+        if not value.count and value.flags & tables.LB_F_DROP:
+            peers.add(Peer(fe.protocol, drop_address(fe.address.version), fe.port))
+    return peers
+
+
+class PinnedPeers:
+    """Counts the service ports pinning sockets to each peer, to tell when none does any more.
+
+    A backend that leaves one Service but still serves another is alive: its sockets stay. The
+    peers of the maps adopted at start (`adopted`) count until the first update, which lets go of
+    those no service port has then: they were removed while no agent was running.
     """
 
-    def __init__(self) -> None:
-        self._count: Counter[desired.Backend] = Counter()
+    def __init__(self, adopted: Iterable[Peer] = ()) -> None:
+        self._count: Counter[Peer] = Counter()
+        self._adopted = set(adopted)
 
     def update(self, moved: Mapping[desired.ServicePortName, desired.ServicePortState | None],
-               current: Mapping[desired.ServicePortName, desired.ServicePortState]) -> set[desired.Backend]:
-        """Applies the moved service ports; returns the backends no UDP service port has now."""
-        left: set[desired.Backend] = set()
+               current: Mapping[desired.ServicePortName, desired.ServicePortState]) -> set[Peer]:
+        """Applies the moved service ports; returns the peers no service port pins to now."""
+        left, self._adopted = self._adopted, set()
         for name, previous in moved.items():
-            if name.protocol is not model.Protocol.UDP:
-                continue
-            old = _all_backends(previous)
-            new = _all_backends(current.get(name))
+            old = service_port_peers(previous)
+            new = service_port_peers(current.get(name))
             self._count.update(new - old)
             self._count.subtract(old - new)
             left |= old - new
-        gone = {b for b in left if self._count[b] <= 0}
-        for backend in gone:
-            del self._count[backend]
+        gone = {p for p in left if self._count[p] <= 0}
+        for peer in gone:
+            self._count.pop(peer, None)
         return gone
-
-
-def _all_backends(sp: desired.ServicePortState | None) -> set[desired.Backend]:
-    if sp is None:
-        return set()
-    return {*sp.backends, *(sp.external_backends or ())}
 
 
 @dataclass(frozen=True, slots=True)
 class _Socket:
     family: int
+    protocol: int
     sockid: bytes  # the raw inet_diag_sockid, as the dump gave it: destroy needs it exact
 
 
-def destroy_udp_sockets_to(backends: Iterable[desired.Backend], *, cgroup: pathlib.Path) -> int:
-    """Destroys every connected UDP socket whose peer is one of `backends`, in every network
-    namespace of the processes under `cgroup`. Returns how many were destroyed."""
-    wanted = {(b.address.packed, b.port) for b in backends}
+def destroy_sockets_to(peers: Iterable[Peer], *, cgroup: pathlib.Path) -> int:
+    """Destroys every socket pinned to one of `peers` (a connected UDP socket, a TCP socket in
+    SYN-SENT), in every network namespace of the processes under `cgroup`. Returns how many
+    were destroyed."""
+    wanted = {(tables.PROTO_NUMBERS[p.protocol], p.address.packed, p.port) for p in peers
+              if tables.PROTO_NUMBERS[p.protocol] in _PINNED_STATES}
     if not wanted:
         return 0
     result: list[int] = []
@@ -103,7 +160,7 @@ def destroy_udp_sockets_to(backends: Iterable[desired.Backend], *, cgroup: pathl
     return result[0] if result else 0
 
 
-def _destroy_in_namespaces(wanted: set[tuple[bytes, int]], cgroup: pathlib.Path) -> int:
+def _destroy_in_namespaces(wanted: set[tuple[int, bytes, int]], cgroup: pathlib.Path) -> int:
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     destroyed = 0
     try:
@@ -147,11 +204,12 @@ def _one_pid_per_netns(cgroup: pathlib.Path) -> list[int]:
     return list(seen.values())
 
 
-def _destroy_here(wanted: set[tuple[bytes, int]]) -> int:
+def _destroy_here(wanted: set[tuple[int, bytes, int]]) -> int:
     """Destroys the matching sockets of the calling thread's network namespace."""
+    protocols = {proto for proto, _, _ in wanted}
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as nl:
-        victims = [s for family in (socket.AF_INET, socket.AF_INET6)
-                   for s in _dump_udp(nl, family) if _peer(s) in wanted]
+        victims = [s for proto in sorted(protocols) for family in (socket.AF_INET, socket.AF_INET6)
+                   for s in _dump(nl, family, proto) if (proto, *_peer(s)) in wanted]
         destroyed = 0
         for victim in victims:
             if _destroy(nl, victim):
@@ -168,13 +226,14 @@ def _peer(s: _Socket) -> tuple[bytes, int]:
     return dst, dport
 
 
-def _request(family: int, sockid: bytes) -> bytes:
-    return _REQ_V2.pack(family, socket.IPPROTO_UDP, 0, 1 << _TCP_ESTABLISHED) + sockid
+def _request(family: int, protocol: int, sockid: bytes) -> bytes:
+    return _REQ_V2.pack(family, protocol, 0, _PINNED_STATES[protocol]) + sockid
 
 
-def _dump_udp(nl: socket.socket, family: int) -> list[_Socket]:
+def _dump(nl: socket.socket, family: int, protocol: int) -> list[_Socket]:
+    """The sockets of `protocol` and `family` in a state that can be pinned to a peer."""
     empty = _SOCKID.pack(0, 0, b"", b"", 0, b"\xff" * 8)
-    _send(nl, _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, _request(family, empty))
+    _send(nl, _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST | _NLM_F_DUMP, _request(family, protocol, empty))
     found = []
     for kind, payload in _replies(nl):
         if kind == _NLMSG_DONE:
@@ -183,12 +242,12 @@ def _dump_udp(nl: socket.socket, family: int) -> list[_Socket]:
             _raise_if_error(payload)
             break
         msg_family = payload[0]
-        found.append(_Socket(msg_family, payload[_MSG_HEAD.size:_MSG_HEAD.size + _SOCKID.size]))
+        found.append(_Socket(msg_family, protocol, payload[_MSG_HEAD.size:_MSG_HEAD.size + _SOCKID.size]))
     return found
 
 
 def _destroy(nl: socket.socket, victim: _Socket) -> bool:
-    _send(nl, _SOCK_DESTROY, _NLM_F_REQUEST | _NLM_F_ACK, _request(victim.family, victim.sockid))
+    _send(nl, _SOCK_DESTROY, _NLM_F_REQUEST | _NLM_F_ACK, _request(victim.family, victim.protocol, victim.sockid))
     for kind, payload in _replies(nl):
         if kind == _NLMSG_ERROR:
             code = -struct.unpack_from("=i", payload)[0]

@@ -35,6 +35,10 @@ PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
 
 # Copies of bpf/ctlb.h constants (tests/unit/test_header_copies.py compares them with the header).
 LB_F_AFFINITY = 1 << 0  # enum lb_flags
+LB_F_DROP = 1 << 1
+NEEDS_EGRESS = LB_F_DROP  # CTLB_NEEDS_EGRESS: flags under which ctlb_egress must be attached
+DROP_ADDR4 = ipaddress.IPv4Address("192.0.0.8")  # CTLB_DROP_ADDR4: where dropped sockets are sent
+DROP_ADDR6 = ipaddress.IPv6Address("100::1")  # CTLB_DROP_ADDR6_0..3
 SLOT_EMPTY, SLOT_USED, SLOT_TOMB = 0, 1, 2  # enum lb_slot_state
 FE_PROBES = 16  # CTLB_FE_PROBES
 

@@ -113,3 +113,23 @@ def node(name: str, *, addresses: Sequence[str], labels: dict[str, str] | None =
         "status": {"addresses": [{"type": "InternalIP", "address": a} for a in addresses]
                    + [{"type": "Hostname", "address": name}]},
     }
+
+
+def namespace(name: str, *, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(name, None, labels),
+            "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
+
+
+def pod(name: str, *, uid: str, ips: Sequence[str], namespace: str = "default", node: str = "lab-node",
+        annotations: dict[str, str] | None = None, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """A running pod of a lab: `uid` must be the lab pod's, whose cgroup kubelet named after it."""
+    meta = _meta(name, namespace, labels)
+    meta["uid"] = uid
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return {
+        "apiVersion": "v1", "kind": "Pod", "metadata": meta,
+        "spec": {"containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10"}], "nodeName": node},
+        "status": {"phase": "Running", "podIP": ips[0], "podIPs": [{"ip": ip} for ip in ips],
+                   "qosClass": "BestEffort"},
+    }

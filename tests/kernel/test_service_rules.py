@@ -113,6 +113,35 @@ def test_same_port_number_over_tcp_and_udp_reaches_each_protocols_backend(cluste
     assert (tcp.get("backend"), udp.get("backend")) == ("web0", "echo0"), json.dumps([tcp, udp])
 
 
+def test_an_sctp_port_is_programmed_apart_from_tcp_and_udp_on_the_same_number(cluster: Cluster) -> None:
+    """This kernel has no SCTP (CONFIG_IP_SCTP is off: no SCTP socket can be made), so the SCTP
+    port is checked in the maps the programs read, and by TCP and UDP clients not reaching it."""
+    web = cluster.lab.add_pod("web0")
+    servers.start_http(web, name="web0", port=8053)
+    echo = cluster.lab.add_pod("echo0")
+    servers.start_udp(echo, name="echo0", port=5353)
+    sig = cluster.lab.add_pod("sig0")
+    client = cluster.lab.add_pod("client")
+    ports = [{"name": "t", "port": 53, "protocol": "TCP", "targetPort": 8053},
+             {"name": "u", "port": 53, "protocol": "UDP", "targetPort": 5353},
+             {"name": "s", "port": 53, "protocol": "SCTP", "targetPort": 3868}]
+    cluster.write("svc", [
+        objects.service("all", cluster_ips=[CLUSTER_IP], ports=ports),
+        *(objects.slice_of("all", [objects.endpoint(str(pod.ipv4))], suffix=name,
+                           ports=[{"name": name, "port": target, "protocol": proto}])
+          for pod, name, proto, target in ((web, "t", "TCP", 8053), (echo, "u", "UDP", 5353),
+                                           (sig, "s", "SCTP", 3868))),
+    ])
+    cluster.start_agent()
+
+    rows = {r["frontend"]: r["backends"] for r in json.loads(cluster.ctlb("services", "--json").stdout)}
+    assert rows == {f"{CLUSTER_IP}:53/TCP": [f"{web.ipv4}:8053"], f"{CLUSTER_IP}:53/UDP": [f"{echo.ipv4}:5353"],
+                    f"{CLUSTER_IP}:53/SCTP": [f"{sig.ipv4}:3868"]}
+    (tcp,) = http_requests(client, CLUSTER_IP, 53)
+    udp = udp_exchange(client, CLUSTER_IP, 53, connected=True)
+    assert (tcp.get("backend"), udp.get("backend")) == ("web0", "echo0"), json.dumps([tcp, udp])
+
+
 def test_external_ip_gets_the_cluster_wide_set_under_internal_traffic_policy_local(cluster: Cluster) -> None:
     """kube-proxy's short-circuit: a socket on the node reaching an external address of the
     Service is balanced over every endpoint, whatever the internal (or external) policy."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 import pytest
@@ -17,7 +18,45 @@ def test_frontend_flags_match_enum_lb_flags_in_the_header() -> None:
     enum = re.search(r"enum lb_flags \{(.*?)\};", _header(), re.S)
     assert enum is not None
     values = {name: 1 << int(bit) for name, bit in re.findall(r"(LB_F_\w+)\s*=\s*1\s*<<\s*(\d+)", enum[1])}
-    assert values == {"LB_F_AFFINITY": tables.LB_F_AFFINITY}
+    assert values == {"LB_F_AFFINITY": tables.LB_F_AFFINITY, "LB_F_DROP": tables.LB_F_DROP}
+
+
+def test_flags_needing_the_egress_program_match_ctlb_needs_egress() -> None:
+    found = re.search(r"^#define CTLB_NEEDS_EGRESS \((.*?)\)", _header(), re.M)
+    assert found is not None
+    names = [n.strip() for n in found[1].split("|")]
+    mask = 0
+    for name in names:
+        mask |= getattr(tables, name)
+    assert mask == tables.NEEDS_EGRESS
+
+
+def test_drop_addresses_match_the_header() -> None:
+    words = {name: int(value, 16) for name, value in
+             re.findall(r"^#define CTLB_DROP_ADDR(\w*) (0x[0-9a-fA-F]+)U", _header(), re.M)}
+    assert ipaddress.IPv4Address(words["4"]) == tables.DROP_ADDR4
+    six = b"".join(words[f"6_{i}"].to_bytes(4, "big") for i in range(4))
+    assert ipaddress.IPv6Address(six) == tables.DROP_ADDR6
+
+
+def test_drop_addresses_are_outside_every_range_in_real_use() -> None:
+    """192.0.0.8 is destination-invalid (RFC 7600/6890); 100::1 is in the discard-only /64."""
+    assert tables.DROP_ADDR4 in ipaddress.ip_network("192.0.0.0/24")
+    assert tables.DROP_ADDR4 not in ipaddress.ip_network("192.0.0.0/29")  # DS-Lite, 464XLAT
+    assert tables.DROP_ADDR6 in ipaddress.ip_network("100::/64")
+
+
+def test_pod_flags_and_range_kinds_match_the_header() -> None:
+    from meshredirect import podmap
+
+    flags = re.search(r"enum pod_flags \{(.*?)\};", _header(), re.S)
+    kinds = re.search(r"enum mesh_range_kind \{(.*?)\};", _header(), re.S)
+    assert flags is not None and kinds is not None
+    c_flags = {name: 1 << int(bit) for name, bit in re.findall(r"(POD_F_\w+)\s*=\s*1\s*<<\s*(\d+)", flags[1])}
+    assert c_flags == {name: getattr(podmap, name) for name in c_flags}
+    assert set(c_flags) == {name for name in vars(podmap) if name.startswith("POD_F_")}
+    c_kinds = {name: int(v) for name, v in re.findall(r"(MESH_RANGE_\w+)\s*=\s*(\d+)", kinds[1])}
+    assert c_kinds == {"MESH_RANGE_INCLUDE": podmap.MESH_RANGE_INCLUDE, "MESH_RANGE_EXCLUDE": podmap.MESH_RANGE_EXCLUDE}
 
 
 def test_slot_states_match_enum_lb_slot_state_in_the_header() -> None:
@@ -72,15 +111,23 @@ def test_attach_types_match_the_kernel_uapi_numbers_bcc_carries() -> None:
         "ctlb_sendmsg6": kernel.CGROUP_UDP6_SENDMSG,
         "ctlb_recvmsg6": kernel.CGROUP_UDP6_RECVMSG,
         "ctlb_getpeer6": kernel.CGROUP_INET6_GETPEERNAME,
+        "ctlb_sockops": kernel.CGROUP_SOCK_OPS,
+        "ctlb_getsockopt": kernel.CGROUP_GETSOCKOPT,
+        "ctlb_egress": kernel.CGROUP_INET_EGRESS,
     }
 
 
 def test_program_types_match_the_kernel_uapi_numbers_bcc_carries() -> None:
     bcc = pytest.importorskip("bcc")
     assert programs.PROG_CGROUP_SOCK_ADDR == bcc.BPF.CGROUP_SOCK_ADDR
+    assert programs.PROG_SOCK_OPS == bcc.BPF.SOCK_OPS
+    # bcc 0.26 has no CGROUP_SOCKOPT: its neighbours in enum bpf_prog_type pin it down.
+    assert bcc.BPF.LSM == 29 and programs.PROG_CGROUP_SOCKOPT == 25
+    assert programs.PROG_CGROUP_SKB == bcc.BPF.CGROUP_SKB
 
 
-def test_every_hook_names_an_entry_point_in_sock_c() -> None:
-    source = (maps.bpf_source_dir() / "sock.c").read_text()
+def test_every_hook_names_an_entry_point_of_the_program_unit() -> None:
+    source = programs.program_text(maps.bpf_source_dir()).decode()
     for hook in programs.HOOKS:
-        assert re.search(rf"^int {hook.program}\(struct \w+ \*ctx\)", source, re.M), hook.program
+        assert re.search(rf"^int {hook.program}\(struct \w+ \*\w+\)", source, re.M), hook.program
+        assert len(hook.program) <= 15, "kernel object names hold 15 characters"

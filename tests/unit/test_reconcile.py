@@ -4,6 +4,7 @@ and the tables it writes through: the backend ranges and the open-addressed fron
 from __future__ import annotations
 
 import ctypes as ct
+import dataclasses
 import ipaddress
 import random
 
@@ -27,13 +28,15 @@ def be(addr: str, port: int = 8080) -> desired.Backend:
     return desired.Backend(ipaddress.ip_address(addr), port)
 
 
-def sp(name: str, frontends: list[str], backends: list[str], *, affinity: int | None = None) -> desired.ServicePortState:
+def sp(name: str, frontends: list[str], backends: list[str], *, affinity: int | None = None,
+       drop: bool = False) -> desired.ServicePortState:
     fam = model.IPFamily.IPv6 if ":" in frontends[0] else model.IPFamily.IPv4
     return desired.ServicePortState(
         name=spn(name, fam),
         frontends={fe(a): desired.FrontendKind.CLUSTER_IP for a in frontends},
         backends=tuple(sorted(be(b) for b in backends)),
         affinity_timeout=affinity,
+        drop=drop,
     )
 
 
@@ -163,6 +166,85 @@ def test_no_backends_is_a_frontend_with_count_zero() -> None:
     assert t[4].frontends.data[fe("10.96.0.1")].count == 0
 
 
+def test_a_service_port_that_drops_is_a_frontend_with_count_zero_and_the_drop_flag() -> None:
+    t = tables.memory_tables()
+    r = reconcile.Reconciler(t)
+    want = state(sp("web", ["10.96.0.1"], [], drop=True))
+    r.apply(want)
+    value = t[4].frontends.data[fe("10.96.0.1")]
+    assert (value.count, value.flags) == (0, tables.LB_F_DROP)
+    assert r.view() == reconcile.desired_view(want) == {"10.96.0.1:80/TCP": {"backends": [], "affinity": None, "drop": True}}
+
+
+def test_view_of_a_frontend_that_refuses_has_no_drop_key() -> None:
+    """Entries of frontends that do not drop keep the shape (and digest) they had before drops."""
+    assert reconcile.desired_view(state(sp("web", ["10.96.0.1"], []))) == {
+        "10.96.0.1:80/TCP": {"backends": [], "affinity": None}}
+
+
+@pytest.mark.parametrize(("start", "then"), [
+    (dict(backends=[], drop=True), dict(backends=["10.244.0.2"])),
+    (dict(backends=[], drop=True), dict(backends=[])),
+    (dict(backends=["10.244.0.2"]), dict(backends=[], drop=True)),
+    (dict(backends=[]), dict(backends=[], drop=True)),
+], ids=["drop-to-backends", "drop-to-refuse", "backends-to-drop", "refuse-to-drop"])
+def test_a_frontend_moves_between_drop_refuse_and_backends(start: dict, then: dict) -> None:
+    r = reconcile.Reconciler(tables.memory_tables())
+    r.apply(state(sp("web", ["10.96.0.1"], **start)))
+    want = state(sp("web", ["10.96.0.1"], **then))
+    r.apply(want)
+    assert r.view() == reconcile.desired_view(want)
+    assert r.needs_egress() == then.get("drop", False)
+
+
+@pytest.mark.parametrize(("external", "cluster_ip_drops", "node_port_drops"), [
+    (["10.244.0.3"], True, False),
+    (None, True, True),
+], ids=["external-set-of-its-own", "external-shares-the-cluster-ip-set"])
+def test_drop_applies_to_the_frontends_that_take_the_cluster_ip_set(
+        external: list[str] | None, cluster_ip_drops: bool, node_port_drops: bool) -> None:
+    """iTP Local with endpoints elsewhere: the ClusterIP drops; a node port has the cluster-wide
+    set (kube-proxy's short-circuit), unless it shares the ClusterIP's."""
+    t = tables.memory_tables()
+    want = state(dataclasses.replace(local_only("web", backends=[], external=external), drop=True))
+    reconcile.Reconciler(t).apply(want)
+    flags = {str(f): bool(v.flags & tables.LB_F_DROP) for f, v in t[4].frontends.data.items()}
+    assert flags == {"10.96.0.1:80/TCP": cluster_ip_drops, "172.18.0.3:30080/TCP": node_port_drops}
+
+
+class RecordingEgress:
+    """Stands in for the on-demand egress program: records when it is asked to be attached."""
+
+    def __init__(self, journal: list) -> None:
+        self.journal = journal
+
+    def ensure(self) -> None:
+        self.journal.append(("ensure", "egress", None, None))
+
+
+def test_egress_program_is_attached_before_the_first_frontend_that_drops_is_written() -> None:
+    journal: list = []
+    r = reconcile.Reconciler(logging_tables(journal), egress=RecordingEgress(journal))
+    r.apply(state(sp("a", ["10.96.0.1"], ["10.244.0.2"])))
+    assert [op for op, *_ in journal if op == "ensure"] == [], "nothing drops yet"
+    r.apply(state(sp("a", ["10.96.0.1"], [], drop=True), sp("b", ["10.96.0.2"], [], drop=True)))
+    first_drop = next(i for i, (op, name, _, value) in enumerate(journal)
+                      if op == "put" and name.startswith("ctlb_fe") and value.flags & tables.LB_F_DROP)
+    assert ("ensure", "egress", None, None) in journal[:first_drop]
+
+
+def test_a_restarted_reconciler_makes_sure_the_egress_program_of_adopted_drops_is_there() -> None:
+    t = tables.memory_tables()
+    want = state(sp("a", ["10.96.0.1"], [], drop=True))
+    reconcile.Reconciler(t).apply(want)
+    journal: list = []
+    second = reconcile.Reconciler(t, egress=RecordingEgress(journal))
+    out = second.apply(want)
+    assert (out.writes, out.deletes) == (0, 0)
+    assert journal == [("ensure", "egress", None, None)]
+    assert second.needs_egress()
+
+
 def test_affinity_writes_one_member_per_backend_and_cleans_up() -> None:
     t = tables.memory_tables()
     r = reconcile.Reconciler(t)
@@ -258,11 +340,13 @@ def test_incremental_passes_leave_exactly_the_desired_entries(seed: int) -> None
                 n = rnd.randrange(0, 4)
                 backends = [f"10.244.0.{rnd.randrange(2, 9)}" for _ in range(n)]
                 frontends = [f"10.96.{rnd.randrange(0, 2)}.{int(name[1:]) + 1}"]
-                current[name] = sp(name, frontends, backends, affinity=rnd.choice([None, 60]))
+                current[name] = sp(name, frontends, backends, affinity=rnd.choice([None, 60]),
+                                   drop=n == 0 and rnd.random() < 0.5)
         want = state(*current.values())
         out = r.apply(want)
         assert out.problems == ()
         assert r.view() == reconcile.desired_view(want)
+        assert r.needs_egress() == any(s.drop for s in current.values())
         used_sets = {v.set_id for v in t[4].frontends.data.values() if v.count}
         assert {s.set_id for s in t[4].backends.data.values()} == used_sets, "a set no frontend uses was left"
         wanted_members = {(r.svc_ids[s.name], b) for s in current.values() if s.affinity_timeout for b in s.backends}
@@ -452,6 +536,30 @@ def test_frontend_table_writes_change_only_what_no_reader_relies_on(layouts) -> 
             continue
         assert old.key.state != tables.SLOT_USED and new.key.state == tables.SLOT_TOMB, \
             f"slot {idx}: a write a reader could see half done"
+
+
+def test_tcp_udp_and_sctp_on_one_address_and_port_are_three_frontends(layouts) -> None:
+    """The protocol is part of the key the programs match (ctx->protocol): an SCTP port never
+    answers for TCP or UDP on the same number, nor they for it."""
+    from ctlb.datapath import maps
+
+    array = FakeArray(maps.FRONTENDS[4], layouts[maps.FRONTENDS[4]], 32)
+    r = reconcile.Reconciler({**tables.memory_tables(), 4: tables.FamilyTables(
+        frontends=tables.KernelFrontendTable(array, 4), backends=tables.MemoryTable("be4", 64),
+        members=tables.MemoryTable("m4", 64))})
+    ports = {proto: desired.ServicePortState(
+        name=desired.ServicePortName("default", "sig", proto.lower(), proto, model.IPFamily.IPv4),
+        frontends={desired.Frontend(ipaddress.ip_address("10.96.0.10"), 3868, proto): desired.FrontendKind.CLUSTER_IP},
+        backends=(be(f"10.244.0.{i + 2}"),)) for i, proto in enumerate(model.Protocol)}
+    r.apply(desired.DesiredState(service_ports={p.name: p for p in ports.values()}))
+    table = r._tables[4].frontends
+    found = {proto: lookup_like_sock_c(table, array.elems, next(iter(sp.frontends))) for proto, sp in ports.items()}
+    assert len({v.set_id for v in found.values()}) == 3
+    assert {f: v["backends"] for f, v in r.view().items()} == {
+        "10.96.0.10:3868/TCP": ["10.244.0.2:8080"], "10.96.0.10:3868/UDP": ["10.244.0.3:8080"],
+        "10.96.0.10:3868/SCTP": ["10.244.0.4:8080"]}
+    used = [e.key.proto for e in array.elems if e.key.state == tables.SLOT_USED]
+    assert sorted(used) == [6, 17, 132], "IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP in the keys"
 
 
 def test_frontend_table_reports_full_when_the_probe_window_is_taken(layouts) -> None:
