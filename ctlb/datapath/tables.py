@@ -18,13 +18,12 @@ import ctypes as ct
 import errno
 import ipaddress
 import socket
-import sys
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from ctlb import desired, errors, model
-from ctlb.datapath import libbpf, maps
+from ctlb.datapath import libbpf, maps, netorder
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -123,34 +122,6 @@ def key_hash(key_bytes: bytes) -> int:
     return mix64(w0 ^ (((w1 << 32) | (w1 >> 32)) & _U64) ^ (w2 << 16))  # fe6_hash
 
 
-def _be32(packed: bytes) -> int:
-    """Network-order bytes as the native integer a __be32 field holds."""
-    return int.from_bytes(packed, sys.byteorder)
-
-
-def _be16(port: int) -> int:
-    return int.from_bytes(port.to_bytes(2, "big"), sys.byteorder)
-
-
-def _from_be16(value: int) -> int:
-    return int.from_bytes(value.to_bytes(2, sys.byteorder), "big")
-
-
-def _put_addr(struct: ct.Structure, address: model.IPAddress) -> None:
-    if address.version == 4:
-        struct.addr = _be32(address.packed)
-    else:
-        for i in range(4):
-            struct.addr[i] = _be32(address.packed[4 * i:4 * i + 4])
-
-
-def _get_addr(struct: ct.Structure, family: int) -> model.IPAddress:
-    if family == 4:
-        return ipaddress.IPv4Address(int(struct.addr).to_bytes(4, sys.byteorder))
-    raw = b"".join(int(struct.addr[i]).to_bytes(4, sys.byteorder) for i in range(4))
-    return ipaddress.IPv6Address(raw)
-
-
 def _map_full(table: str, max_entries: int, exc: libbpf.BpfError) -> errors.MapFull | libbpf.BpfError:
     # E2BIG: a hash at max_entries, or an index past an array's end; ENOMEM: no memory left.
     return errors.MapFull(table, max_entries) if exc.errno in (errno.E2BIG, errno.ENOMEM) else exc
@@ -245,14 +216,14 @@ def memory_tables(*, frontends_max: int = 1 << 16, backends_max: int = 1 << 19) 
 
 
 def _encode_fe_key(raw: ct.Structure, fe: desired.Frontend, state: int) -> None:
-    _put_addr(raw, fe.address)
-    raw.port = _be16(fe.port)
+    netorder.put_addr(raw, fe.address)
+    raw.port = netorder.be16(fe.port)
     raw.proto = PROTO_NUMBERS[fe.protocol]
     raw.state = state
 
 
 def _decode_fe_key(raw: ct.Structure, family: int) -> desired.Frontend:
-    return desired.Frontend(_get_addr(raw, family), _from_be16(raw.port), PROTO_NAMES[raw.proto])
+    return desired.Frontend(netorder.get_addr(raw, family), netorder.from_be16(raw.port), PROTO_NAMES[raw.proto])
 
 
 def _encode_fe_value(v: FrontendValue, raw: ct.Structure) -> None:
@@ -453,8 +424,8 @@ class KernelBackendTable:
 
     def put(self, idx: int, slot: BackendSlot) -> None:
         raw = self._leaf()
-        _put_addr(raw, slot.backend.address)
-        raw.port = _be16(slot.backend.port)
+        netorder.put_addr(raw, slot.backend.address)
+        raw.port = netorder.be16(slot.backend.port)
         raw.set_id = slot.set_id
         try:
             self.array.put(ct.c_uint32(idx), raw)
@@ -476,17 +447,17 @@ class KernelBackendTable:
                 yield idx, self._decode(everything[idx])
 
     def _decode(self, raw: ct.Structure) -> BackendSlot:
-        return BackendSlot(raw.set_id, desired.Backend(_get_addr(raw, self.family), _from_be16(raw.port)))
+        return BackendSlot(raw.set_id, desired.Backend(netorder.get_addr(raw, self.family), netorder.from_be16(raw.port)))
 
 
 def _member_codec(family: int) -> dict[str, Callable]:
     def encode_key(key: MemberKey, raw: ct.Structure) -> None:
         raw.svc_id = key.svc_id
-        _put_addr(raw, key.backend.address)
-        raw.port = _be16(key.backend.port)
+        netorder.put_addr(raw, key.backend.address)
+        raw.port = netorder.be16(key.backend.port)
 
     def decode_key(raw: ct.Structure) -> MemberKey:
-        return MemberKey(raw.svc_id, desired.Backend(_get_addr(raw, family), _from_be16(raw.port)))
+        return MemberKey(raw.svc_id, desired.Backend(netorder.get_addr(raw, family), netorder.from_be16(raw.port)))
 
     def encode_value(_: bool, raw: ct.c_uint8) -> None:
         raw.value = 1
