@@ -27,7 +27,8 @@ def _meta(name: str, namespace: str | None, labels: dict[str, str] | None = None
 def service(name: str, *, cluster_ips: Sequence[str], ports: Sequence[dict[str, Any]],
             namespace: str = "default", type: str = "ClusterIP", affinity_timeout: int | None = None,
             external_ips: Sequence[str] = (), lb_ips: Sequence[str] = (),
-            internal_policy: str = "Cluster", external_policy: str = "Cluster") -> dict[str, Any]:
+            internal_policy: str = "Cluster", external_policy: str = "Cluster",
+            source_ranges: Sequence[str] = ()) -> dict[str, Any]:
     families = ["IPv6" if ":" in ip else "IPv4" for ip in cluster_ips]
     spec: dict[str, Any] = {
         "clusterIP": cluster_ips[0],
@@ -46,6 +47,8 @@ def service(name: str, *, cluster_ips: Sequence[str], ports: Sequence[dict[str, 
         spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": affinity_timeout}}
     if external_ips:
         spec["externalIPs"] = list(external_ips)
+    if source_ranges:
+        spec["loadBalancerSourceRanges"] = list(source_ranges)
     status: dict[str, Any] = {"loadBalancer": {}}
     if lb_ips:
         status["loadBalancer"] = {"ingress": [{"ip": ip, "ipMode": "VIP"} for ip in lb_ips]}
