@@ -3,6 +3,7 @@
     sudo .venv/bin/python -m bench.program_cost                    # N=10000 x 4, 5 rounds
     sudo .venv/bin/python -m bench.program_cost --services 1000 --rounds 3 --json out.json
     sudo .venv/bin/python -m bench.program_cost --drop --egress-ab --phases rr,udp,iperf,blast
+    sudo .venv/bin/python -m bench.program_cost --services 1000 --mesh --gate --phases crr,crr-lb,direct
 
 A lab node with four backend pods and one client pod; the datapath (the real `Datapath`, its
 programs attached to the client pod's cgroup) is given N Services of B backends each, every one
@@ -23,6 +24,11 @@ CPU 0 and servers on CPU 1, and takes the run-time and run-count deltas of every
     rr        loadgen tcp-rr to a backend pod: established request/response (no socket program)
     iperf     iperf3 to a backend pod: established throughput (no socket program)
     blast     iperf3 -u of 64-byte datagrams to a backend pod, unlimited: packets/s of one CPU
+
+With --mesh, the node has a meshed pod (not the client): every connect then looks the client's
+pod up by its cgroup, as on any node of a mesh. With --gate, the first Service also has a
+LoadBalancer IP with loadBalancerSourceRanges that admit the client, and the phase crr-lb connects
+to it: connect4 through the source-range gate (the pod lookup and an LPM lookup).
 
 With --drop, one more service port drops (internalTrafficPolicy Local, endpoints elsewhere), so
 the drop action's egress program (ctlb_egress) is attached: it runs on every packet the client
@@ -60,6 +66,8 @@ import structlog
 from bench import loadgen
 from ctlb import datapath, desired, lab as ctlb_lab, model
 from ctlb.datapath import libbpf, programs
+from ctlb.lab import cgroups as lab_cgroups
+from meshredirect import podmap, switch
 
 CLIENT_CPU = 0
 SERVER_CPU = 1
@@ -69,6 +77,7 @@ RR_TARGET = 8081
 IPERF_PORT = 5201
 NODE_PORT_BASE = 20000
 DROP_PORT = 80
+LB_IP = {4: ipaddress.ip_address("198.51.100.1"), 6: ipaddress.ip_address("2001:db8:7::1")}
 
 TCP = model.Protocol.TCP
 UDP = model.Protocol.UDP
@@ -80,9 +89,11 @@ def cluster_ip(index: int, *, ipv6: bool = False) -> model.IPAddress:
 
 
 def desired_state(n: int, backends: list[model.IPAddress], *, node_ip: model.IPAddress,
-                  nodeport: bool, drop: bool = False) -> desired.DesiredState:
+                  nodeport: bool, drop: bool = False,
+                  gate: tuple[desired.SourceRange, ...] = ()) -> desired.DesiredState:
     """N Services on the same backend pods; the first also carries 53/UDP. With `drop`, one
-    more service port (the N+1th ClusterIP) drops: its endpoints are on other nodes."""
+    more service port (the N+1th ClusterIP) drops: its endpoints are on other nodes. With `gate`,
+    the first Service's TCP port also has a LoadBalancer IP admitting those source ranges."""
     ipv6 = backends[0].version == 6
     family = model.IPFamily.IPv6 if ipv6 else model.IPFamily.IPv4
     ports: dict[desired.ServicePortName, desired.ServicePortState] = {}
@@ -94,9 +105,13 @@ def desired_state(n: int, backends: list[model.IPAddress], *, node_ip: model.IPA
             frontends = {desired.Frontend(cluster_ip(i, ipv6=ipv6), port, proto): desired.FrontendKind.CLUSTER_IP}
             if nodeport and proto is TCP:
                 frontends[desired.Frontend(node_ip, NODE_PORT_BASE + i, proto)] = desired.FrontendKind.NODE_PORT
+            gated = bool(gate) and i == 0 and proto is TCP
+            if gated:
+                frontends[desired.Frontend(LB_IP[node_ip.version], port, proto)] = desired.FrontendKind.LOAD_BALANCER
             ports[name] = desired.ServicePortState(
                 name=name, frontends=frontends,
-                backends=tuple(sorted(desired.Backend(b, target) for b in backends)))
+                backends=tuple(sorted(desired.Backend(b, target) for b in backends)),
+                source_ranges=gate if gated else ())
     if drop:
         name = desired.ServicePortName("bench", "svc-drop", f"p{DROP_PORT}", TCP, family)
         ports[name] = desired.ServicePortState(
@@ -148,7 +163,7 @@ class Rig:
     """The lab node, its pods and servers, and the datapath on the client pod's cgroup."""
 
     def __init__(self, the_lab: ctlb_lab.Lab, *, n: int, nodeport: bool, ipv6: bool = False,
-                 drop: bool = False) -> None:
+                 drop: bool = False, mesh: bool = False, gate: bool = False) -> None:
         self.lab = the_lab
         self.ipv6 = ipv6
         self.backends = [the_lab.add_pod(f"be{i}", ipv6=ipv6) for i in range(4)]
@@ -165,13 +180,31 @@ class Rig:
         self._floor_link: int | None = None
         self.dp = datapath.Datapath.install(bpffs=self.bpffs, cgroup=self.client.pod_cgroup,
                                             sizes=programs.MapSizes())
+        client = self.addr(self.client)
+        gate_ranges = (ipaddress.ip_network(client), ipaddress.ip_network("203.0.113.0/24" if not ipv6 else "2001:db8::/32"))
         state = desired_state(n, [self.addr(p) for p in self.backends], node_ip=self.addr(the_lab.node),
-                              nodeport=nodeport, drop=drop)
+                              nodeport=nodeport, drop=drop, gate=gate_ranges if gate else ())
         started = time.perf_counter()
         outcome = self.dp.apply(state)
         self.program_s = time.perf_counter() - started
         if outcome.problems:
             raise RuntimeError(f"not programmed: {outcome.problems[:3]}")
+        if mesh or gate:
+            self._write_pods(meshed=the_lab.add_pod("meshed", ipv6=ipv6) if mesh else None)
+
+    def _write_pods(self, *, meshed: ctlb_lab.Pod | None) -> None:
+        """Puts the client pod (not meshed) and `meshed` into the pod maps, as the agent would."""
+        mount = lab_cgroups.mount_point()
+        placements = [
+            podmap.PodPlacement(
+                mode=switch.PodMode("bench", pod.name, pod.uid, ips=tuple(pod.addresses),
+                                    capture=switch.Capture() if pod is meshed else None),
+                cgroup_id=pod.pod_cgroup.stat().st_ino, level=len(pod.pod_cgroup.relative_to(mount).parts))
+            for pod in (self.client, meshed) if pod is not None
+        ]
+        outcome = podmap.PodTable(self.dp.pinned, switch.MeshSettings()).apply(placements)
+        if outcome.problems:
+            raise RuntimeError(f"pods not programmed: {outcome.problems}")
 
     def addr(self, place: ctlb_lab.Place) -> model.IPAddress:
         address = place.ipv6 if self.ipv6 else place.ipv4
@@ -265,6 +298,8 @@ def measure(rig: Rig, phase: str, seconds: float) -> dict[str, Any]:
     before = _prog_stats(rig.bpffs, rig.extra_programs)
     if phase == "crr":
         seen = rig.crr(seconds, host=rig.service())
+    elif phase == "crr-lb":
+        seen = rig.crr(seconds, host=str(LB_IP[6 if rig.ipv6 else 4]))
     elif phase == "crr-np":
         seen = rig.crr(seconds, host=node, port=NODE_PORT_BASE)
     elif phase == "direct":
@@ -295,7 +330,7 @@ def measure(rig: Rig, phase: str, seconds: float) -> dict[str, Any]:
 
 
 # Which program each phase is there to measure.
-FOCUS = {"crr": ["connect4"], "crr-np": ["connect4"], "direct": ["connect4"], "udp": ["sendmsg4", "recvmsg4"],
+FOCUS = {"crr": ["connect4"], "crr-lb": ["connect4"], "crr-np": ["connect4"], "direct": ["connect4"], "udp": ["sendmsg4", "recvmsg4"],
          "peer": ["getpeer4"], "peer-np": ["getpeer4"], "peer-dir": ["getpeer4"], "rr": [], "iperf": [],
          "blast": []}
 EGRESS = programs.EGRESS.name
@@ -379,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ipv6", action="store_true", help="IPv6 Services, pods and clients (the *6 programs)")
     ap.add_argument("--drop", action="store_true",
                     help="one more service port drops, so the egress program is attached and measured")
+    ap.add_argument("--mesh", action="store_true", help="the node has a meshed pod (not the client)")
+    ap.add_argument("--gate", action="store_true",
+                    help="the first Service also has a LoadBalancer IP with source ranges (phase crr-lb)")
     ap.add_argument("--egress-ab", action="store_true",
                     help="with --drop: rr, udp and iperf with the egress program attached and detached")
     ap.add_argument("--floor", action="store_true",
@@ -396,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     phases = args.phases.split(",")
     if args.nodeport:
         phases += [p for p in ("crr-np", "peer-np") if p not in phases]
+    if args.gate and "crr-lb" not in phases:
+        phases.append("crr-lb")
     loadgen.build()
     ctlb_lab.sweep()
     stats_fd: int | None = libbpf.enable_stats()
@@ -404,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     ab_stats_on = None
     try:
         with ctlb_lab.Lab() as the_lab:
-            rig = Rig(the_lab, n=args.services, nodeport=args.nodeport, ipv6=args.ipv6, drop=args.drop)
+            rig = Rig(the_lab, n=args.services, nodeport=args.nodeport, ipv6=args.ipv6, drop=args.drop,
+                      mesh=args.mesh, gate=args.gate)
             try:
                 if args.floor:
                     rig.attach_floor()

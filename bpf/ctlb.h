@@ -335,6 +335,8 @@ struct lb6_source_key {
 struct ctlb_settings {
 	__u32 pod_levels;  /* bit L set: pod cgroups exist at level L */
 	__u32 meshed_pods; /* pods with POD_F_MESH; 0 lets a connect skip the pod lookup */
+	__u32 generation;  /* bumped after every change of ctlb_pods: ends what programs cached of it */
+	__u32 pad;
 };
 
 /* How a pod's outbound TCP connections are treated (struct pod_info.flags). */
@@ -444,7 +446,7 @@ CTLB_MAP("lru_hash", struct lb_affinity_key, struct lb4_affinity, ctlb_aff4, CTL
 CTLB_MAP("lru_hash", struct lb_affinity_key, struct lb6_affinity, ctlb_aff6, CTLB_AFFINITY_MAX, 0);
 CTLB_MAP("lpm_trie", struct lb4_source_key, __u8, ctlb_lb_src4, CTLB_SOURCE_RANGES_MAX, BPF_F_NO_PREALLOC);
 CTLB_MAP("lpm_trie", struct lb6_source_key, __u8, ctlb_lb_src6, CTLB_SOURCE_RANGES_MAX, BPF_F_NO_PREALLOC);
-CTLB_MAP("array", __u32, struct ctlb_settings, ctlb_settings, 1, 0);
+CTLB_MAP("array", __u32, struct ctlb_settings, ctlb_settings_v2, 1, 0);
 CTLB_MAP("hash", __u64, struct pod_info, ctlb_pods, CTLB_PODS_MAX, 0);
 CTLB_MAP("lpm_trie", struct mesh_range4_key, __u8, ctlb_mesh_range4, CTLB_MESH_RULES_MAX, BPF_F_NO_PREALLOC);
 CTLB_MAP("lpm_trie", struct mesh_range6_key, __u8, ctlb_mesh_range6, CTLB_MESH_RULES_MAX, BPF_F_NO_PREALLOC);

@@ -194,9 +194,10 @@ static __always_inline int sock_verdict(int ret)
  *
  * A pod is found by the cgroup of the task that connects: the programs hang on the cgroup root,
  * so they ask for the current task's ancestor at each level where user space says pod cgroups
- * exist (ctlb_settings.pod_levels) and look that id up in ctlb_pods.
- * That costs a helper call and a hash lookup per level, so a connect pays it only when the
- * node has meshed pods at all (ctlb_settings.meshed_pods).
+ * exist (ctlb_settings.pod_levels) and look that id up in ctlb_pods. That walk costs a helper
+ * call and a hash lookup per level (~130 ns with one level on this VM), so its answer is kept
+ * per CPU (ctlb_pod_cache), and a connect asks at all only when the node has meshed pods
+ * (ctlb_settings.meshed_pods) or the frontend admits some sources only.
  *
  * Capture follows Istio's iptables rules: TCP only; never the sidecar's own uid; never a
  * loopback destination, nor the sidecar's own port (a connection is never captured onto the
@@ -206,11 +207,23 @@ static __always_inline const struct ctlb_settings *ctlb_settings_get(void)
 {
 	__u32 zero = 0;
 
-	return ctlb_settings.lookup(&zero);
+	return ctlb_settings_v2.lookup(&zero);
 }
 
-/* The pod of the current task, or NULL (a process of the node itself, or an unknown pod). */
-static __always_inline const struct pod_info *current_pod(__u32 levels)
+/* The answer of the last pod lookup made on this CPU, for the cgroup of the task that asked.
+ * Private to these programs (not pinned): a new program load starts with an empty one. */
+struct pod_cache {
+	__u64 cgroup_id;  /* the task's own cgroup; 0 while the entry is being written */
+	__u32 generation; /* ctlb_settings.generation the answer was looked up under */
+	__u32 found;      /* 0: no pod */
+	struct pod_info pod;
+};
+
+BPF_PERCPU_ARRAY(ctlb_pod_cache, struct pod_cache, 1);
+
+/* The pod of the current task, walked up from its cgroup: false for none (a process of the
+ * node itself, or a pod ctlb does not know). */
+static __always_inline bool pod_walk(__u32 levels, struct pod_info *out)
 {
 #pragma unroll
 	for (int level = 1; level < CTLB_POD_LEVELS; level++) {
@@ -221,24 +234,56 @@ static __always_inline const struct pod_info *current_pod(__u32 levels)
 			continue;
 		id = bpf_get_current_ancestor_cgroup_id(level);
 		pod = ctlb_pods.lookup(&id);
-		if (pod)
-			return pod;
+		if (pod) {
+			*out = *pod;
+			return true;
+		}
 	}
-	return NULL;
+	return false;
 }
 
-/* The meshed pod of the current task, when the node has any. */
-static __always_inline const struct pod_info *current_meshed_pod(void)
+/* pod_walk() through the per-CPU cache: a hit costs one helper call (the task's cgroup id).
+ * The generation is read before the walk, so an answer cached while user space changed a pod
+ * carries the generation before the change and is not used after it. Another run of these
+ * programs on this CPU (after a preemption) may rewrite the entry while this one reads it, so
+ * the entry is read like a seqlock: checked, copied, checked again. */
+static __always_inline bool current_pod(const struct ctlb_settings *settings, struct pod_info *out)
+{
+	__u32 zero = 0;
+	__u32 generation = READ_U32(&settings->generation);
+	__u64 cgroup_id = bpf_get_current_cgroup_id();
+	struct pod_cache *c = ctlb_pod_cache.lookup(&zero);
+	bool found;
+
+	if (!c)
+		return pod_walk(settings->pod_levels, out);
+	if (READ_U64(&c->cgroup_id) == cgroup_id && READ_U32(&c->generation) == generation) {
+		found = c->found;
+		*out = c->pod;
+		barrier();
+		if (READ_U64(&c->cgroup_id) == cgroup_id && READ_U32(&c->generation) == generation)
+			return found;
+	}
+	found = pod_walk(settings->pod_levels, out);
+	c->cgroup_id = 0;
+	barrier();
+	c->generation = generation;
+	c->found = found;
+	if (found)
+		c->pod = *out;
+	barrier();
+	c->cgroup_id = cgroup_id;
+	return found;
+}
+
+/* The meshed pod of the current task, into *out, when the node has any. */
+static __always_inline bool current_meshed_pod(struct pod_info *out)
 {
 	const struct ctlb_settings *settings = ctlb_settings_get();
-	const struct pod_info *pod;
 
 	if (!settings || settings->meshed_pods == 0)
-		return NULL;
-	pod = current_pod(settings->pod_levels);
-	if (!pod || !(pod->flags & POD_F_MESH))
-		return NULL;
-	return pod;
+		return false;
+	return current_pod(settings, out) && (out->flags & POD_F_MESH);
 }
 
 /* Whether the task is the sidecar itself, whose connections are never captured. */
@@ -520,13 +565,13 @@ static __always_inline void lb4_drop_dest(__be16 port, struct lb4_backend *out)
 /* The client of a connection, for loadBalancerSourceRanges: the pod of the connecting task, as
  * its cgroup tells (ctlb_pods), with the pod's address; or the node itself, for the node's own
  * processes, host-network pods, and pods whose cgroup or address ctlb does not know yet. */
-static __always_inline const struct pod_info *source_pod(void)
+static __always_inline bool source_pod(struct pod_info *out)
 {
 	const struct ctlb_settings *settings = ctlb_settings_get();
 
 	if (!settings || settings->pod_levels == 0)
-		return NULL;
-	return current_pod(settings->pod_levels);
+		return false;
+	return current_pod(settings, out);
 }
 
 /* Whether the client may reach a frontend with LB_F_SOURCE_RANGES: its address is in one of
@@ -536,14 +581,14 @@ static __always_inline const struct pod_info *source_pod(void)
  * hash lookup per pod cgroup level, and a trie lookup. */
 static __always_inline bool lb4_source_allowed(const struct lb_frontend *fe)
 {
-	const struct pod_info *pod = source_pod();
 	struct lb4_source_key key = {};
+	struct pod_info pod = {};
 
-	if (!pod || pod->addr4 == 0)
+	if (!source_pod(&pod) || pod.addr4 == 0)
 		return fe->flags & LB_F_SOURCE_NODE;
 	key.prefixlen = 32 + 32;
 	key.svc_id = fe->svc_id;
-	key.addr = pod->addr4;
+	key.addr = pod.addr4;
 	return ctlb_lb_src4.lookup(&key) != NULL;
 }
 
@@ -671,7 +716,7 @@ static __always_inline bool mesh4_redirect(struct bpf_sock_addr *ctx)
 {
 	struct lb_frontend none = {};
 	struct lb4_backend proxy = {};
-	const struct pod_info *pod;
+	struct pod_info pod = {};
 	struct lb4_sock *sk;
 	__be32 daddr;
 	__be16 dport;
@@ -679,20 +724,19 @@ static __always_inline bool mesh4_redirect(struct bpf_sock_addr *ctx)
 
 	if (ctx->protocol != IPPROTO_TCP)
 		return false;
-	pod = current_meshed_pod();
-	if (!pod)
+	if (!current_meshed_pod(&pod))
 		return false;
 	daddr = ctx->user_ip4;
 	barrier();
 	dport = ctx_port(ctx);
-	if (!mesh4_captures(pod, daddr, dport))
+	if (!mesh4_captures(&pod, daddr, dport))
 		return false;
 	cookie = bpf_get_socket_cookie(ctx);
 	sk = lb4_sock_slot(cookie);
 	if (!sk)
 		return false;
 	proxy.addr = bpf_htonl(INADDR_LOOPBACK);
-	proxy.port = pod->outbound_port;
+	proxy.port = pod.outbound_port;
 	lb4_sock_remember(sk, cookie, true, daddr, dport, &none, &proxy);
 	sk->flags |= LB_SOCK_MESH;
 	ctx->user_ip4 = proxy.addr;
@@ -915,14 +959,14 @@ static __always_inline void lb6_drop_dest(__be16 port, struct lb6_backend *out)
 /* lb4_source_allowed() for IPv6 frontends, with the pod's IPv6 address. */
 static __always_inline bool lb6_source_allowed(const struct lb_frontend *fe)
 {
-	const struct pod_info *pod = source_pod();
 	struct lb6_source_key key = {};
+	struct pod_info pod = {};
 
-	if (!pod || (pod->addr6[0] | pod->addr6[1] | pod->addr6[2] | pod->addr6[3]) == 0)
+	if (!source_pod(&pod) || (pod.addr6[0] | pod.addr6[1] | pod.addr6[2] | pod.addr6[3]) == 0)
 		return fe->flags & LB_F_SOURCE_NODE;
 	key.prefixlen = 32 + 128;
 	key.svc_id = fe->svc_id;
-	copy_ip6(key.addr, pod->addr6);
+	copy_ip6(key.addr, pod.addr6);
 	return ctlb_lb_src6.lookup(&key) != NULL;
 }
 
@@ -1063,15 +1107,14 @@ static __always_inline int sock6_rev(struct bpf_sock_addr *ctx)
 static __always_inline bool mesh6_redirect(struct bpf_sock_addr *ctx)
 {
 	struct lb_frontend none = {};
-	const struct pod_info *pod;
+	struct pod_info pod = {};
 	__be32 daddr[4];
 	__be16 dport;
 	__u64 cookie;
 
 	if (ctx->protocol != IPPROTO_TCP)
 		return false;
-	pod = current_meshed_pod();
-	if (!pod)
+	if (!current_meshed_pod(&pod))
 		return false;
 	ctx_get_ip6(ctx, daddr);
 	dport = ctx_port(ctx);
@@ -1080,10 +1123,10 @@ static __always_inline bool mesh6_redirect(struct bpf_sock_addr *ctx)
 		struct lb4_backend proxy = {};
 		struct lb4_sock *sk4;
 
-		if (!mesh4_captures(pod, daddr[3], dport) || !(sk4 = lb4_sock_slot(cookie)))
+		if (!mesh4_captures(&pod, daddr[3], dport) || !(sk4 = lb4_sock_slot(cookie)))
 			return false;
 		proxy.addr = bpf_htonl(INADDR_LOOPBACK);
-		proxy.port = pod->outbound_port;
+		proxy.port = pod.outbound_port;
 		lb4_sock_remember(sk4, cookie, true, daddr[3], dport, &none, &proxy);
 		sk4->flags |= LB_SOCK_MESH;
 		ctx->user_ip6[3] = proxy.addr;
@@ -1091,16 +1134,16 @@ static __always_inline bool mesh6_redirect(struct bpf_sock_addr *ctx)
 		struct lb6_backend proxy = {};
 		struct lb6_sock *sk6;
 
-		if (!mesh6_captures(pod, daddr, dport) || !(sk6 = lb6_sock_slot(cookie)))
+		if (!mesh6_captures(&pod, daddr, dport) || !(sk6 = lb6_sock_slot(cookie)))
 			return false;
 		proxy.addr[3] = bpf_htonl(1); /* ::1 */
-		proxy.port = pod->outbound_port;
+		proxy.port = pod.outbound_port;
 		lb6_sock_remember(sk6, cookie, true, daddr, dport, &none, &proxy);
 		sk6->flags |= LB_SOCK_MESH;
 		ctx_set_ip6(ctx, proxy.addr);
 	}
 	barrier();
-	ctx_set_port(ctx, pod->outbound_port);
+	ctx_set_port(ctx, pod.outbound_port);
 	return true;
 }
 

@@ -67,6 +67,9 @@ class PodTable:
         self._rules: dict[int, frozenset[_Rule]] = {}
         self._adopted = False
         self._node_settings: bytes = b""
+        # ctlb_settings.generation: bumped with every change, which ends what the programs cached
+        # of the pods; carried on from the map, so a restarted agent never repeats a value.
+        self._generation = 0
 
     def apply(self, placements: Iterable[PodPlacement]) -> Outcome:
         """Makes the maps hold exactly `placements`, but for pods that do not fit."""
@@ -86,7 +89,7 @@ class PodTable:
                 # The pod keeps what it had, if anything: a full map never undoes a pod.
                 mode = placement.mode
                 problems.append(model.Problem(f"Pod {mode.namespace}/{mode.name}", f"not programmed: {exc}"))
-        writes += self._put_node_settings(placed)
+        writes += self._put_node_settings(placed, pods_changed=writes > 0)
         return Outcome(writes=writes, problems=tuple(problems))
 
     # --- one pod ------------------------------------------------------------------------------
@@ -171,13 +174,18 @@ class PodTable:
 
     # --- node-wide ----------------------------------------------------------------------------
 
-    def _put_node_settings(self, placements: Iterable[PodPlacement]) -> int:
+    def _put_node_settings(self, placements: Iterable[PodPlacement], *, pods_changed: bool) -> int:
+        """Writes the node-wide settings after the pods they describe: a new generation whenever
+        a pod or a setting changed."""
         placed = list(placements)
         value = self._settings_map.layout.leaf()
         value.pod_levels = sum({1 << p.level for p in placed if 0 < p.level < 32})
         value.meshed_pods = sum(1 for p in placed if p.mode.meshed)
-        if bytes(value) == self._node_settings:
+        value.generation = self._generation
+        if bytes(value) == self._node_settings and not pods_changed:
             return 0
+        self._generation = (self._generation + 1) & 0xFFFFFFFF
+        value.generation = self._generation
         self._settings_map.put(ct.c_uint32(0), value)
         self._node_settings = bytes(value)
         return 1
@@ -191,6 +199,10 @@ class PodTable:
         for key, entry in self._pods.items():
             self._ids[int(key.value)] = int(entry.pod_id)
             self._entries[int(key.value)] = bytes(entry)
+        settings = self._settings_map.get(ct.c_uint32(0))
+        if settings is not None:
+            self._generation = int(settings.generation)
+            self._node_settings = bytes(settings)
         live = set(self._ids.values())
         by_id = {pod_id: cgroup_id for cgroup_id, pod_id in self._ids.items()}
         rules: dict[int, set[_Rule]] = {}

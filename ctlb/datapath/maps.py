@@ -23,7 +23,7 @@ SOCKETS = {4: "ctlb_sock4", 6: "ctlb_sock6"}  # ARRAY: per-socket reverse NAT, w
 REVNAT = {4: "ctlb_revnat4", 6: "ctlb_revnat6"}  # LRU: per-socket reverse NAT that spilled
 AFFINITY = {4: "ctlb_aff4", 6: "ctlb_aff6"}
 SOURCE_RANGES = {4: "ctlb_lb_src4", 6: "ctlb_lb_src6"}  # LPM: loadBalancerSourceRanges by svc_id
-SETTINGS = "ctlb_settings"  # ARRAY of one: node-wide settings
+SETTINGS = "ctlb_settings_v2"  # ARRAY of one: node-wide settings
 PODS = "ctlb_pods"  # this node's pods by pod cgroup id
 MESH_RANGES = {4: "ctlb_mesh_range4", 6: "ctlb_mesh_range6"}  # LPM: include/exclude ranges
 MESH_PORTS = "ctlb_mesh_ports"
@@ -37,7 +37,7 @@ ARRAYS = frozenset((*FRONTENDS.values(), *BACKENDS.values(), *SOCKETS.values()))
 
 # Pins of earlier layouts. No program of this version reads them: they are removed once this
 # version's programs are attached, and by uninstall.
-LEGACY_MAPS: tuple[str, ...] = ("ctlb_fe4", "ctlb_fe6", "ctlb_be4", "ctlb_be6")
+LEGACY_MAPS: tuple[str, ...] = ("ctlb_fe4", "ctlb_fe6", "ctlb_be4", "ctlb_be6", "ctlb_settings")
 
 
 def bpf_source_dir() -> pathlib.Path:

@@ -717,7 +717,8 @@ def test_status_is_in_sync_and_services_lists_frontends(cluster: Cluster) -> Non
     assert status.returncode == 0 and "In sync:     yes" in status.stdout
     assert rows == [{"frontend": f"{CLUSTER_IP}:80/TCP", "kind": "ClusterIP",
                      "service": "default/web:http/TCP/IPv4", "svc_id": rows[0]["svc_id"],
-                     "backends": sorted(f"{p.ipv4}:8080" for p in pods), "affinity_timeout": None, "drop": False}]
+                     "backends": sorted(f"{p.ipv4}:8080" for p in pods), "affinity_timeout": None, "drop": False,
+                     "source_ranges": None, "source_ranges_admit_node": False}]
 
 
 def test_status_fails_when_the_maps_differ_from_the_source(cluster: Cluster) -> None:
