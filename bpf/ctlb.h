@@ -21,6 +21,7 @@
  *   CTLB_PODS_MAX       pods of this node the programs know (mesh mode, addresses)
  *   CTLB_MESH_RULES_MAX entries of each mesh exclusion map (ranges, ports)
  *   CTLB_MESH_CONNS_MAX entries of each original-destination map (LRU)
+ *   CTLB_SOURCE_RANGES_MAX entries of each loadBalancerSourceRanges map (LPM)
  *   CTLB_LAYOUT_ONLY    declare the maps unpinned with one entry: lets a read-only command
  *                       learn the layouts without creating or touching any pin.
  */
@@ -57,6 +58,10 @@
 #define CTLB_MESH_CONNS_MAX 65536
 #endif
 
+#ifndef CTLB_SOURCE_RANGES_MAX
+#define CTLB_SOURCE_RANGES_MAX 65536
+#endif
+
 /* Slots of each frontend table: at most half full, so probe sequences stay short. */
 #define CTLB_FE_SLOTS (2 * CTLB_FRONTENDS_MAX)
 /* A frontend sits at most this many slots after its home slot (user space guarantees it). */
@@ -76,6 +81,12 @@
 enum lb_flags {
 	LB_F_AFFINITY = 1 << 0, /* ClientIP session affinity; timeout in affinity_timeout */
 	LB_F_DROP = 1 << 1,     /* with count 0: drop (the client times out) instead of refusing */
+	/* A LoadBalancer IP with loadBalancerSourceRanges: a client whose address is in none of
+	 * the service port's ranges (ctlb_lb_src4/6 under svc_id) is dropped. */
+	LB_F_SOURCE_RANGES = 1 << 2,
+	/* With LB_F_SOURCE_RANGES: a range holds one of the node's addresses, so the node's own
+	 * processes (and pods ctlb does not know) pass. */
+	LB_F_SOURCE_NODE = 1 << 3,
 };
 
 /* The drop destination. A connection that must be dropped is not refused: it is sent here, port
@@ -100,7 +111,7 @@ enum lb_flags {
 
 /* Frontend flags under which a connection may be sent to the drop address: user space keeps
  * ctlb_egress attached while some frontend carries one. */
-#define CTLB_NEEDS_EGRESS (LB_F_DROP)
+#define CTLB_NEEDS_EGRESS (LB_F_DROP | LB_F_SOURCE_RANGES)
 
 /* State of a frontend table slot (lb4_key.state, lb6_key.state). */
 enum lb_slot_state {
@@ -291,6 +302,20 @@ struct lb6_affinity {
 	__u16 pad;
 };
 
+/* A loadBalancerSourceRanges entry of a service port. LPM trie key: prefixlen counts the 32 bits
+ * of svc_id (always matched whole) plus the range's prefix length. */
+struct lb4_source_key {
+	__u32 prefixlen;
+	__u32 svc_id;
+	__be32 addr;
+};
+
+struct lb6_source_key {
+	__u32 prefixlen;
+	__u32 svc_id;
+	__be32 addr[4];
+};
+
 /* --- Pods and the sidecar mesh ------------------------------------------------------------ */
 
 /* Cgroup levels (the cgroup2 root is level 0) the programs look for pod cgroups at: kubelet puts
@@ -417,6 +442,8 @@ CTLB_MAP("lru_hash", struct lb4_revnat_key, struct lb4_revnat, ctlb_revnat4, CTL
 CTLB_MAP("lru_hash", struct lb6_revnat_key, struct lb6_revnat, ctlb_revnat6, CTLB_REVNAT_MAX, 0);
 CTLB_MAP("lru_hash", struct lb_affinity_key, struct lb4_affinity, ctlb_aff4, CTLB_AFFINITY_MAX, 0);
 CTLB_MAP("lru_hash", struct lb_affinity_key, struct lb6_affinity, ctlb_aff6, CTLB_AFFINITY_MAX, 0);
+CTLB_MAP("lpm_trie", struct lb4_source_key, __u8, ctlb_lb_src4, CTLB_SOURCE_RANGES_MAX, BPF_F_NO_PREALLOC);
+CTLB_MAP("lpm_trie", struct lb6_source_key, __u8, ctlb_lb_src6, CTLB_SOURCE_RANGES_MAX, BPF_F_NO_PREALLOC);
 CTLB_MAP("array", __u32, struct ctlb_settings, ctlb_settings, 1, 0);
 CTLB_MAP("hash", __u64, struct pod_info, ctlb_pods, CTLB_PODS_MAX, 0);
 CTLB_MAP("lpm_trie", struct mesh_range4_key, __u8, ctlb_mesh_range4, CTLB_MESH_RULES_MAX, BPF_F_NO_PREALLOC);

@@ -517,8 +517,39 @@ static __always_inline void lb4_drop_dest(__be16 port, struct lb4_backend *out)
 	out->port = port;
 }
 
+/* The client of a connection, for loadBalancerSourceRanges: the pod of the connecting task, as
+ * its cgroup tells (ctlb_pods), with the pod's address; or the node itself, for the node's own
+ * processes, host-network pods, and pods whose cgroup or address ctlb does not know yet. */
+static __always_inline const struct pod_info *source_pod(void)
+{
+	const struct ctlb_settings *settings = ctlb_settings_get();
+
+	if (!settings || settings->pod_levels == 0)
+		return NULL;
+	return current_pod(settings->pod_levels);
+}
+
+/* Whether the client may reach a frontend with LB_F_SOURCE_RANGES: its address is in one of
+ * the service port's ranges. kube-proxy checks the source address of the packet; a socket on
+ * this node leaves with its pod's address, or with a node address (LB_F_SOURCE_NODE says
+ * whether some range holds one). Paid only by frontends that carry ranges: a helper call and a
+ * hash lookup per pod cgroup level, and a trie lookup. */
+static __always_inline bool lb4_source_allowed(const struct lb_frontend *fe)
+{
+	const struct pod_info *pod = source_pod();
+	struct lb4_source_key key = {};
+
+	if (!pod || pod->addr4 == 0)
+		return fe->flags & LB_F_SOURCE_NODE;
+	key.prefixlen = 32 + 32;
+	key.svc_id = fe->svc_id;
+	key.addr = pod->addr4;
+	return ctlb_lb_src4.lookup(&key) != NULL;
+}
+
 /* Frontend -> backend. On 0, *out holds the backend to write into the context: a backend of
- * the set, or the drop address (LB_F_DROP and no backends). */
+ * the set, or the drop address (LB_F_DROP and no backends; a client outside the frontend's
+ * source ranges). */
 static __always_inline int __sock4_xlate_fwd(void *ctx, __be32 daddr, __be16 dport, __u8 proto,
 					     bool connect, struct lb4_backend *out)
 {
@@ -533,6 +564,9 @@ static __always_inline int __sock4_xlate_fwd(void *ctx, __be32 daddr, __be16 dpo
 	drop = fe.count == 0 && (fe.flags & LB_F_DROP);
 	if ((fe.count == 0 && !drop) || fe.count > CTLB_SET_MAX)
 		return -ECONNREFUSED;
+	/* kube-proxy's firewall only guards a Service that has endpoints: without, it refuses. */
+	if (!drop && (fe.flags & LB_F_SOURCE_RANGES))
+		drop = !lb4_source_allowed(&fe);
 	cookie = bpf_get_socket_cookie(ctx);
 	sk = lb4_sock_slot(cookie);
 	if (!sk)
@@ -878,6 +912,20 @@ static __always_inline void lb6_drop_dest(__be16 port, struct lb6_backend *out)
 	out->port = port;
 }
 
+/* lb4_source_allowed() for IPv6 frontends, with the pod's IPv6 address. */
+static __always_inline bool lb6_source_allowed(const struct lb_frontend *fe)
+{
+	const struct pod_info *pod = source_pod();
+	struct lb6_source_key key = {};
+
+	if (!pod || (pod->addr6[0] | pod->addr6[1] | pod->addr6[2] | pod->addr6[3]) == 0)
+		return fe->flags & LB_F_SOURCE_NODE;
+	key.prefixlen = 32 + 128;
+	key.svc_id = fe->svc_id;
+	copy_ip6(key.addr, pod->addr6);
+	return ctlb_lb_src6.lookup(&key) != NULL;
+}
+
 static __always_inline int __sock6_xlate_fwd(void *ctx, const __be32 *daddr, __be16 dport,
 					     __u8 proto, bool connect, struct lb6_backend *out)
 {
@@ -892,6 +940,8 @@ static __always_inline int __sock6_xlate_fwd(void *ctx, const __be32 *daddr, __b
 	drop = fe.count == 0 && (fe.flags & LB_F_DROP);
 	if ((fe.count == 0 && !drop) || fe.count > CTLB_SET_MAX)
 		return -ECONNREFUSED;
+	if (!drop && (fe.flags & LB_F_SOURCE_RANGES))
+		drop = !lb6_source_allowed(&fe);
 	cookie = bpf_get_socket_cookie(ctx);
 	sk = lb6_sock_slot(cookie);
 	if (!sk)

@@ -81,11 +81,13 @@ SourceRange = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 class FrontendGroup(NamedTuple):
     """Frontends of one service port that lead to the same backends, with the same verdict when
-    there are none: dropped (`drop`) or refused."""
+    there are none: dropped (`drop`) or refused; and the same gate: `restricted` frontends (the
+    LoadBalancer IPs of a service port with source ranges) drop clients outside the ranges."""
 
     backends: tuple[Backend, ...]
     drop: bool
     frontends: tuple[Frontend, ...]
+    restricted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +102,13 @@ class ServicePortState:
       `drop`) when it is None. Empty means refuse. kube-proxy sends node-local clients of these
       frontends to the cluster-wide set whatever the externalTrafficPolicy (its short-circuit).
 
-    Every tuple of backends is sorted and de-duplicated. `local_backends` and `source_ranges` are
-    for traffic arriving from outside the node (a tc path); nothing consumes them yet.
+    LoadBalancer frontends of a service port with `source_ranges` admit only clients whose address
+    is in one of them (a pod's address; the node's own processes when `source_ranges_admit_node`),
+    once there are backends: kube-proxy's firewall drops the others, and refuses all alike when
+    there are none.
+
+    Every tuple of backends is sorted and de-duplicated. `local_backends` is for traffic arriving
+    from outside the node (a tc path); nothing consumes it yet.
     """
 
     name: ServicePortName
@@ -121,6 +128,9 @@ class ServicePortState:
     # loadBalancerSourceRanges of this family, for the LoadBalancer frontends; () when the service
     # port has no LoadBalancer frontend of this family or no ranges of this family (no restriction).
     source_ranges: tuple[SourceRange, ...] = ()
+    # Some range holds one of this node's addresses of this family: a connection from the node
+    # itself leaves with such an address, so it passes.
+    source_ranges_admit_node: bool = False
     # This node's endpoints, for external traffic under externalTrafficPolicy Local (the tc NodePort
     # path); None when externalTrafficPolicy is Cluster or the service port is not externally
     # accessible. When empty: drop such traffic if the cluster-wide set (`external_backends`, else
@@ -139,16 +149,23 @@ class ServicePortState:
         return self.drop and not self.backends_for(kind) and (
             kind is FrontendKind.CLUSTER_IP or self.external_backends is None)
 
+    def restricts(self, kind: FrontendKind) -> bool:
+        """Whether frontends of this kind admit only clients within `source_ranges`."""
+        return bool(self.source_ranges) and kind is FrontendKind.LOAD_BALANCER
+
     def frontend_groups(self) -> list[FrontendGroup]:
-        """The frontends grouped by the backend set they point at: one group in the common case."""
-        if self.external_backends is None:
+        """The frontends grouped by the backend set they point at and how they gate clients: one
+        group in the common case."""
+        if self.external_backends is None and not self.source_ranges:
             # Every kind gets `backends` and drops alike: one group, without hashing the sets.
             return [FrontendGroup(self.backends, self.drops_at(FrontendKind.CLUSTER_IP), tuple(self.frontends))
                     ] if self.frontends else []
-        groups: dict[tuple[tuple[Backend, ...], bool], list[Frontend]] = {}
+        groups: dict[tuple[tuple[Backend, ...], bool, bool], list[Frontend]] = {}
         for frontend, kind in self.frontends.items():
-            groups.setdefault((self.backends_for(kind), self.drops_at(kind)), []).append(frontend)
-        return [FrontendGroup(backends, drop, tuple(frontends)) for (backends, drop), frontends in groups.items()]
+            key = (self.backends_for(kind), self.drops_at(kind), self.restricts(kind))
+            groups.setdefault(key, []).append(frontend)
+        return [FrontendGroup(backends, drop, tuple(frontends), restricted)
+                for (backends, drop, restricted), frontends in groups.items()]
 
 
 @dataclass(frozen=True, slots=True)

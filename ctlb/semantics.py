@@ -84,6 +84,7 @@ def service_port_states(
             endpoints = _categorize(_candidates(port, family_slices, family=family), here=here)
             accessible = _externally_accessible(service, port=port, family=family)
             policy = _apply_traffic_policies(service, endpoints=endpoints, externally_accessible=accessible)
+            ranges = _source_ranges(service, frontends=frontends, family=family)
             states.append(
                 desired.ServicePortState(
                     name=desired.ServicePortName(
@@ -98,7 +99,8 @@ def service_port_states(
                     affinity_timeout=service.affinity_timeout,
                     drop=policy.drop,
                     external_backends=policy.external_backends,
-                    source_ranges=_source_ranges(service, frontends=frontends, family=family),
+                    source_ranges=ranges,
+                    source_ranges_admit_node=_admits_node(ranges, node=node),
                     local_backends=policy.local_backends,
                 )
             )
@@ -193,6 +195,17 @@ def _source_ranges(
         return ()
     version = 4 if family is model.IPFamily.IPv4 else 6
     return tuple(network for network in service.load_balancer_source_ranges if network.version == version)
+
+
+def _admits_node(ranges: Sequence[desired.SourceRange], *, node: model.Node | None) -> bool:
+    """Whether the node's own connections pass the ranges: kube-proxy lets the node through when a
+    range holds its node IP (a connection from the node leaves with it, or with the LoadBalancer
+    IP itself, which kube-proxy then admits too). Any address of the node counts here, since a
+    connection may leave with any of them."""
+    if node is None:
+        return False
+    return any(address in network for network in ranges for address in node.addresses
+               if address.version == network.version)
 
 
 # --- endpoints -------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ class Inspection:
     fill: list[MapFill]
 
     def view(self) -> dict[str, object]:
-        return reconcile.datapath_view(self.programmed.frontends, self.programmed.sets)
+        return reconcile.datapath_view(self.programmed.frontends, self.programmed.sets,
+                                       self.programmed.source_ranges)
 
 
 def inspect(bpffs: pathlib.Path) -> Inspection | None:

@@ -22,6 +22,7 @@ MEMBERS = {4: "ctlb_member4", 6: "ctlb_member6"}
 SOCKETS = {4: "ctlb_sock4", 6: "ctlb_sock6"}  # ARRAY: per-socket reverse NAT, written by the programs
 REVNAT = {4: "ctlb_revnat4", 6: "ctlb_revnat6"}  # LRU: per-socket reverse NAT that spilled
 AFFINITY = {4: "ctlb_aff4", 6: "ctlb_aff6"}
+SOURCE_RANGES = {4: "ctlb_lb_src4", 6: "ctlb_lb_src6"}  # LPM: loadBalancerSourceRanges by svc_id
 SETTINGS = "ctlb_settings"  # ARRAY of one: node-wide settings
 PODS = "ctlb_pods"  # this node's pods by pod cgroup id
 MESH_RANGES = {4: "ctlb_mesh_range4", 6: "ctlb_mesh_range6"}  # LPM: include/exclude ranges
@@ -30,7 +31,7 @@ MESH_CONNS = {4: "ctlb_mesh_conn4", 6: "ctlb_mesh_conn6"}  # LRU: original desti
 
 ALL_MAPS: tuple[str, ...] = (
     *FRONTENDS.values(), *BACKENDS.values(), *MEMBERS.values(), *SOCKETS.values(), *REVNAT.values(),
-    *AFFINITY.values(), SETTINGS, PODS, *MESH_RANGES.values(), MESH_PORTS, *MESH_CONNS.values(),
+    *AFFINITY.values(), *SOURCE_RANGES.values(), SETTINGS, PODS, *MESH_RANGES.values(), MESH_PORTS, *MESH_CONNS.values(),
 )
 ARRAYS = frozenset((*FRONTENDS.values(), *BACKENDS.values(), *SOCKETS.values()))
 

@@ -100,6 +100,7 @@ class MapSizes:
     pods: int = 4096  # pods of this node
     mesh_rules: int = 65536  # per map: mesh exclusion ranges and ports, all pods together
     mesh_conns: int = 65536  # per family: original destinations of redirected connections
+    source_ranges: int = 65536  # per family: loadBalancerSourceRanges entries, all service ports together
 
     @property
     def frontend_slots(self) -> int:
@@ -132,6 +133,8 @@ class MapSizes:
             return self.pods
         if name in maps.MESH_CONNS.values():
             return self.mesh_conns
+        if name in maps.SOURCE_RANGES.values():
+            return self.source_ranges
         return self.mesh_rules
 
 
@@ -206,6 +209,7 @@ def compile_and_load(bpffs: pathlib.Path, sizes: MapSizes) -> tuple[object, dict
         f"-DCTLB_PODS_MAX={sizes.pods}",
         f"-DCTLB_MESH_RULES_MAX={sizes.mesh_rules}",
         f"-DCTLB_MESH_CONNS_MAX={sizes.mesh_conns}",
+        f"-DCTLB_SOURCE_RANGES_MAX={sizes.source_ranges}",
         "-w",
     ]
     try:

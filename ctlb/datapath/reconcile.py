@@ -9,9 +9,14 @@ already programmed is lost.
 The reconciler keeps a shadow of what it programmed; it reads the maps once, at adoption, so a
 restarted agent takes over what the last one left without rewriting it.
 
-A frontend that drops (LB_F_DROP) needs the egress program that discards what is sent to the drop
-address: the reconciler has it attached (`Egress.ensure`) before it writes the first such
-frontend, and says when none is left (`needs_egress`), so the caller can detach it.
+A frontend that drops (LB_F_DROP), or may drop a client (LB_F_SOURCE_RANGES), needs the egress
+program that discards what is sent to the drop address: the reconciler has it attached
+(`Egress.ensure`) before it writes the first such frontend, and says when none is left
+(`needs_egress`), so the caller can detach it.
+
+A service port's source ranges are written before its frontends are flagged to use them, and
+deleted after no frontend does: during a change a client is judged by the old or the new ranges,
+or by both (their union), never by none.
 """
 
 from __future__ import annotations
@@ -49,12 +54,17 @@ class Programmed:
     starts: dict[tuple[int, int], int] = field(default_factory=dict)  # (family, set id) -> first slot
     slots: Counter[int] = field(default_factory=Counter)  # used backend slots per family, incl. stray ones
     members: set[tables.MemberKey] = field(default_factory=set)
+    # (family, svc id) -> the service port's loadBalancerSourceRanges in the LPM maps
+    source_ranges: dict[tuple[int, int], set[desired.SourceRange]] = field(default_factory=dict)
 
     def frontend_count(self, fam: int) -> int:
         return sum(1 for fe in self.frontends if fe.address.version == fam)
 
     def member_count(self, fam: int) -> int:
         return sum(1 for m in self.members if m.backend.address.version == fam)
+
+    def source_range_count(self, fam: int) -> int:
+        return sum(len(ranges) for (f, _), ranges in self.source_ranges.items() if f == fam)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +92,8 @@ def read_programmed(family_tables: Mapping[int, tables.FamilyTables]) -> Program
                 prog.sets[(fam, value.set_id)] = tuple(s.backend for s in found)  # type: ignore[union-attr]
                 prog.starts[(fam, value.set_id)] = value.start
         prog.members.update(key for key, _ in t.members.items())
+        for key, _ in t.source_ranges.items():
+            prog.source_ranges.setdefault((fam, key.svc_id), set()).add(key.network)
     return prog
 
 
@@ -139,29 +151,37 @@ class Ranges:
         return self._length.pop(start)
 
 
-def _view_entry(backends: Iterable[object], affinity: int | None, drop: bool) -> dict[str, object]:
-    """One frontend's view entry. `drop` is only present when set, so the entries (and digests)
-    of every frontend that does not drop read as they did before dropping existed."""
+def _view_entry(backends: Iterable[object], affinity: int | None, drop: bool,
+                sources: Iterable[desired.SourceRange] | None = None, admit_node: bool = False) -> dict[str, object]:
+    """One frontend's view entry. `drop` and the source ranges are only present when set, so the
+    entries (and digests) of every other frontend read as they did before those existed."""
     entry: dict[str, object] = {"backends": sorted(str(b) for b in backends), "affinity": affinity}
     if drop:
         entry["drop"] = True
+    if sources is not None:
+        entry["sources"] = sorted({str(n) for n in sources})
+        entry["sources_admit_node"] = admit_node
     return entry
 
 
 def datapath_view(frontends: Mapping[desired.Frontend, tables.FrontendValue],
-                  sets: Mapping[tuple[int, int], tuple[desired.Backend, ...]]) -> dict[str, object]:
-    """What a client observes, id-free: frontend -> backends, affinity, and drop. Two datapaths
-    with the same view balance alike; `ctlb status` compares views to tell whether the maps are
-    in sync."""
+                  sets: Mapping[tuple[int, int], tuple[desired.Backend, ...]],
+                  source_ranges: Mapping[tuple[int, int], Collection[desired.SourceRange]]) -> dict[str, object]:
+    """What a client observes, id-free: frontend -> backends, affinity, drop, and which clients
+    it admits. Two datapaths with the same view balance alike; `ctlb status` compares views to
+    tell whether the maps are in sync."""
     view: dict[str, object] = {}
     for fe, value in sorted(frontends.items()):
         fam = fe.address.version
         backends = sets.get((fam, value.set_id), ()) if value.count else ()
         if len(backends) != value.count:
             backends = ("<incomplete>",)  # type: ignore[assignment]
+        restricted = bool(value.flags & tables.LB_F_SOURCE_RANGES)
         view[str(fe)] = _view_entry(
             backends, value.affinity_timeout if value.flags & tables.LB_F_AFFINITY else None,
-            drop=not value.count and bool(value.flags & tables.LB_F_DROP))
+            drop=not value.count and bool(value.flags & tables.LB_F_DROP),
+            sources=source_ranges.get((fam, value.svc_id), ()) if restricted else None,
+            admit_node=bool(value.flags & tables.LB_F_SOURCE_NODE))
     return view
 
 
@@ -176,7 +196,9 @@ def service_port_view(sp: desired.ServicePortState) -> dict[str, object]:
     """The view entries of one service port's frontends."""
     view: dict[str, object] = {}
     for group in sp.frontend_groups():
-        value = _view_entry(group.backends, sp.affinity_timeout, drop=group.drop)
+        value = _view_entry(group.backends, sp.affinity_timeout, drop=group.drop,
+                            sources=sp.source_ranges if group.restricted else None,
+                            admit_node=group.restricted and sp.source_ranges_admit_node)
         view.update((str(fe), value) for fe in group.frontends)
     return view
 
@@ -239,6 +261,7 @@ class Reconciler:
         # Entries per family in the maps only user space writes, for capacity checks in O(1).
         self._fe_count = Counter({fam: self.programmed.frontend_count(fam) for fam in family_tables})
         self._member_count = Counter({fam: self.programmed.member_count(fam) for fam in family_tables})
+        self._range_count = Counter({fam: self.programmed.source_range_count(fam) for fam in family_tables})
         self._writes = 0
         self._deletes = 0
 
@@ -283,15 +306,18 @@ class Reconciler:
             del self._applied[name]
         if self._first_pass:
             self._delete_stale_members(state)
+            self._delete_unowned_source_ranges()
         else:
             self._delete_stale_members_of(previous, changed=changed, ids={**self.svc_ids, **removed_ids})
+        for name in removed:
+            self._delete_source_ranges(removed_ids[name], keep=())
         self._release_svc_ids(removed)
         self._collect_unreferenced_sets()
         self._first_pass = False
         return Outcome(problems=tuple(problems), writes=self._writes, deletes=self._deletes)
 
     def view(self) -> dict[str, object]:
-        return datapath_view(self.programmed.frontends, self.programmed.sets)
+        return datapath_view(self.programmed.frontends, self.programmed.sets, self.programmed.source_ranges)
 
     def needs_egress(self) -> bool:
         """Whether some programmed frontend relies on the egress program."""
@@ -379,25 +405,36 @@ class Reconciler:
     def _program_service_port(self, sp: desired.ServicePortState) -> model.Problem | None:
         fam = 4 if sp.name.family == model.IPFamily.IPv4 else 6
         svc_id = self.svc_ids[sp.name]
+        # Groups with equal backends (gated and ungated frontends) share one set.
+        made: dict[tuple[desired.Backend, ...], tuple[int, int]] = {}
         try:
+            self._add_source_ranges(fam, svc_id, sp.source_ranges)
             for group in sp.frontend_groups():
-                self._program_group(fam, svc_id, sp, group)
+                self._program_group(fam, svc_id, sp, group, made)
         except errors.MapFull as exc:
+            # Ranges added stay: a frontend flipped before the failure may rely on them. Until a
+            # pass succeeds, clients are judged by the old ranges and the new ones together.
             log.warning("service_port_not_programmed", service_port=str(sp.name), reason=str(exc))
             return model.Problem(ref=f"Service {sp.name.namespace}/{sp.name.name}",
                                  reason=f"port {sp.name.port or '<unnamed>'}/{sp.name.protocol} "
                                         f"({sp.name.family}) not programmed: {exc}")
+        self._delete_source_ranges(svc_id, keep=sp.source_ranges, fam=fam)
         return None
 
-    def _program_group(self, fam: int, svc_id: int, sp: desired.ServicePortState,
-                       group: desired.FrontendGroup) -> None:
+    def _program_group(self, fam: int, svc_id: int, sp: desired.ServicePortState, group: desired.FrontendGroup,
+                       made: dict[tuple[desired.Backend, ...], tuple[int, int]]) -> None:
         """Points the group's frontends (of one service port) at a set holding its backends."""
-        set_id, start = self._ensure_set(fam, group.backends, group.frontends)
+        set_id, start = made.get(group.backends) or self._ensure_set(fam, group.backends, group.frontends)
+        made[group.backends] = (set_id, start)
         if sp.affinity_timeout is not None:
             self._ensure_members(fam, svc_id, group.backends)
         flags = tables.LB_F_AFFINITY if sp.affinity_timeout is not None else 0
         if group.drop:
             flags |= tables.LB_F_DROP
+        if group.restricted:
+            flags |= tables.LB_F_SOURCE_RANGES
+            if sp.source_ranges_admit_node:
+                flags |= tables.LB_F_SOURCE_NODE
         value = tables.FrontendValue(
             svc_id=svc_id, set_id=set_id, count=len(group.backends),
             affinity_timeout=sp.affinity_timeout or 0, flags=flags, start=start,
@@ -504,6 +541,46 @@ class Reconciler:
                 self._deletes += 1
         self.programmed.slots[fam] = len(covered)
 
+    # --- source ranges ------------------------------------------------------------------------
+
+    def _add_source_ranges(self, fam: int, svc_id: int, ranges: Collection[desired.SourceRange]) -> None:
+        """Writes the ranges the service port's frontends are about to rely on."""
+        have = self.programmed.source_ranges.get((fam, svc_id), set())
+        missing = sorted(set(ranges) - have, key=_network_order)
+        if not missing:
+            return
+        self.programmed.source_ranges[(fam, svc_id)] = have
+        table = self._tables[fam].source_ranges
+        if self._range_count[fam] + len(missing) > table.max_entries:
+            raise errors.MapFull(table.name, table.max_entries)
+        for network in missing:
+            table.put(tables.SourceRangeKey(svc_id, network), True)
+            have.add(network)
+            self._range_count[fam] += 1
+            self._writes += 1
+
+    def _delete_source_ranges(self, svc_id: int, *, keep: Collection[desired.SourceRange],
+                              fam: int | None = None) -> None:
+        """Deletes the service port's ranges not in `keep`, once no frontend relies on them."""
+        for f in (fam,) if fam is not None else tuple(self._tables):
+            have = self.programmed.source_ranges.get((f, svc_id))
+            if not have:
+                continue
+            for network in sorted(have - set(keep), key=_network_order):
+                self._tables[f].source_ranges.delete(tables.SourceRangeKey(svc_id, network))
+                have.discard(network)
+                self._range_count[f] -= 1
+                self._deletes += 1
+            if not have:
+                del self.programmed.source_ranges[(f, svc_id)]
+
+    def _delete_unowned_source_ranges(self) -> None:
+        """Adoption: the ranges of ids no service port holds now (left by a service port that
+        went while no agent ran). A service port's own stale ranges went when it was programmed."""
+        for fam, svc_id in list(self.programmed.source_ranges):
+            if svc_id not in self.service_of:
+                self._delete_source_ranges(svc_id, keep=(), fam=fam)
+
     # --- affinity members ---------------------------------------------------------------------
 
     def _ensure_members(self, fam: int, svc_id: int, backends: tuple[desired.Backend, ...]) -> None:
@@ -551,6 +628,10 @@ class Reconciler:
         kept = {self.svc_ids[name] for name in self.failed}
         for key in [m for m in self.programmed.members if m not in wanted and m.svc_id not in kept]:
             self._delete_member(key)
+
+
+def _network_order(network: desired.SourceRange) -> tuple[int, int, int]:
+    return (network.version, int(network.network_address), network.prefixlen)
 
 
 def _all_backends(sp: desired.ServicePortState) -> set[desired.Backend]:

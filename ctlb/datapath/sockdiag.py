@@ -84,14 +84,15 @@ def drop_address(version: int) -> model.IPAddress:
 
 def service_port_peers(sp: desired.ServicePortState | None) -> set[Peer]:
     """The peers sockets of a service port can be pinned to: every backend of a UDP service
-    port; the drop address at the port of each frontend that drops."""
+    port; the drop address at the port of each frontend that drops, or may drop a client outside
+    its source ranges."""
     if sp is None:
         return set()
     peers: set[Peer] = set()
     for group in sp.frontend_groups():
         if sp.name.protocol is model.Protocol.UDP:
             peers.update(Peer(model.Protocol.UDP, b.address, b.port) for b in group.backends)
-        if group.drop:
+        if group.drop or group.restricted:
             peers.update(Peer(fe.protocol, drop_address(fe.address.version), fe.port) for fe in group.frontends)
     return peers
 
@@ -104,7 +105,7 @@ def programmed_peers(programmed: reconcile.Programmed) -> set[Peer]:
         if fe.protocol is model.Protocol.UDP and value.count:
             backends = programmed.sets.get((fe.address.version, value.set_id), ())
             peers.update(Peer(model.Protocol.UDP, b.address, b.port) for b in backends)
-        if not value.count and value.flags & tables.LB_F_DROP:
+        if (not value.count and value.flags & tables.LB_F_DROP) or value.flags & tables.LB_F_SOURCE_RANGES:
             peers.add(Peer(fe.protocol, drop_address(fe.address.version), fe.port))
     return peers
 

@@ -35,7 +35,9 @@ PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
 # Copies of bpf/ctlb.h constants (tests/unit/test_header_copies.py compares them with the header).
 LB_F_AFFINITY = 1 << 0  # enum lb_flags
 LB_F_DROP = 1 << 1
-NEEDS_EGRESS = LB_F_DROP  # CTLB_NEEDS_EGRESS: flags under which ctlb_egress must be attached
+LB_F_SOURCE_RANGES = 1 << 2
+LB_F_SOURCE_NODE = 1 << 3
+NEEDS_EGRESS = LB_F_DROP | LB_F_SOURCE_RANGES  # CTLB_NEEDS_EGRESS: flags under which ctlb_egress must be attached
 DROP_ADDR4 = ipaddress.IPv4Address("192.0.0.8")  # CTLB_DROP_ADDR4: where dropped sockets are sent
 DROP_ADDR6 = ipaddress.IPv6Address("100::1")  # CTLB_DROP_ADDR6_0..3
 SLOT_EMPTY, SLOT_USED, SLOT_TOMB = 0, 1, 2  # enum lb_slot_state
@@ -66,6 +68,14 @@ class BackendSlot:
 class MemberKey:
     svc_id: int
     backend: desired.Backend
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRangeKey:
+    """A loadBalancerSourceRanges entry of the service port `svc_id`."""
+
+    svc_id: int
+    network: desired.SourceRange
 
 
 class Table(Protocol[K, V]):
@@ -199,6 +209,7 @@ class FamilyTables:
     frontends: FrontendTable
     backends: Table[int, BackendSlot]  # slot index -> the set it belongs to and its backend
     members: Table[MemberKey, bool]
+    source_ranges: Table[SourceRangeKey, bool]
 
 
 def memory_tables(*, frontends_max: int = 1 << 16, backends_max: int = 1 << 19) -> dict[int, FamilyTables]:
@@ -207,6 +218,7 @@ def memory_tables(*, frontends_max: int = 1 << 16, backends_max: int = 1 << 19) 
             frontends=MemoryTable(maps.FRONTENDS[fam], frontends_max),
             backends=MemoryTable(maps.BACKENDS[fam], backends_max),
             members=MemoryTable(maps.MEMBERS[fam], backends_max),
+            source_ranges=MemoryTable(maps.SOURCE_RANGES[fam], frontends_max),
         )
         for fam in (4, 6)
     }
@@ -450,6 +462,18 @@ class KernelBackendTable:
         return BackendSlot(raw.set_id, desired.Backend(netorder.get_addr(raw, self.family), netorder.from_be16(raw.port)))
 
 
+def _encode_present(_: bool, raw: ct.c_uint8) -> None:
+    raw.value = 1
+
+
+def _decode_present(_: ct.c_uint8) -> bool:
+    return True
+
+
+# The value codec of a map whose keys are all it says (a set): one byte, always 1.
+_PRESENCE: dict[str, Callable] = dict(encode_value=_encode_present, decode_value=_decode_present)
+
+
 def _member_codec(family: int) -> dict[str, Callable]:
     def encode_key(key: MemberKey, raw: ct.Structure) -> None:
         raw.svc_id = key.svc_id
@@ -459,14 +483,23 @@ def _member_codec(family: int) -> dict[str, Callable]:
     def decode_key(raw: ct.Structure) -> MemberKey:
         return MemberKey(raw.svc_id, desired.Backend(netorder.get_addr(raw, family), netorder.from_be16(raw.port)))
 
-    def encode_value(_: bool, raw: ct.c_uint8) -> None:
-        raw.value = 1
+    return dict(encode_key=encode_key, decode_key=decode_key, **_PRESENCE)
 
-    def decode_value(_: ct.c_uint8) -> bool:
-        return True
 
-    return dict(encode_key=encode_key, decode_key=decode_key, encode_value=encode_value,
-                decode_value=decode_value)
+_SVC_ID_BITS = 32  # svc_id precedes the address in a source-range LPM key
+
+
+def _source_range_codec(family: int) -> dict[str, Callable]:
+    def encode_key(key: SourceRangeKey, raw: ct.Structure) -> None:
+        raw.prefixlen = _SVC_ID_BITS + key.network.prefixlen
+        raw.svc_id = key.svc_id
+        netorder.put_addr(raw, key.network.network_address)
+
+    def decode_key(raw: ct.Structure) -> SourceRangeKey:
+        address = netorder.get_addr(raw, family)
+        return SourceRangeKey(raw.svc_id, ipaddress.ip_network((address, raw.prefixlen - _SVC_ID_BITS)))
+
+    return dict(encode_key=encode_key, decode_key=decode_key, **_PRESENCE)
 
 
 def kernel_tables(pinned: dict[str, maps.PinnedMap]) -> dict[int, FamilyTables]:
@@ -475,6 +508,7 @@ def kernel_tables(pinned: dict[str, maps.PinnedMap]) -> dict[int, FamilyTables]:
             frontends=KernelFrontendTable(pinned[maps.FRONTENDS[fam]], fam),
             backends=KernelBackendTable(pinned[maps.BACKENDS[fam]], fam),
             members=KernelTable(pinned[maps.MEMBERS[fam]], **_member_codec(fam)),
+            source_ranges=KernelTable(pinned[maps.SOURCE_RANGES[fam]], **_source_range_codec(fam)),
         )
         for fam in (4, 6)
     }

@@ -28,7 +28,7 @@ def service(name: str, *, cluster_ips: Sequence[str], ports: Sequence[dict[str, 
             namespace: str = "default", type: str = "ClusterIP", affinity_timeout: int | None = None,
             external_ips: Sequence[str] = (), lb_ips: Sequence[str] = (),
             internal_policy: str = "Cluster", external_policy: str = "Cluster",
-            health_check_node_port: int | None = None) -> dict[str, Any]:
+            source_ranges: Sequence[str] = (), health_check_node_port: int | None = None) -> dict[str, Any]:
     families = ["IPv6" if ":" in ip else "IPv4" for ip in cluster_ips]
     spec: dict[str, Any] = {
         "clusterIP": cluster_ips[0],
@@ -49,6 +49,8 @@ def service(name: str, *, cluster_ips: Sequence[str], ports: Sequence[dict[str, 
         spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": affinity_timeout}}
     if external_ips:
         spec["externalIPs"] = list(external_ips)
+    if source_ranges:
+        spec["loadBalancerSourceRanges"] = list(source_ranges)
     status: dict[str, Any] = {"loadBalancer": {}}
     if lb_ips:
         status["loadBalancer"] = {"ingress": [{"ip": ip, "ipMode": "VIP"} for ip in lb_ips]}

@@ -14,9 +14,6 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -25,7 +22,7 @@ from ctlb import lab as ctlb_lab
 from ctlb.datapath import programs
 from ctlb.lab import servers
 from tests.kernel import objects
-from tests.kernel.clients import http_requests, udp_exchange
+from tests.kernel.clients import TCP_PROBE, http_requests, sniffing, tcp_probe, udp_exchange, udp_probe
 from tests.kernel.conftest import NODE_NAME, Cluster
 
 pytestmark = pytest.mark.kernel
@@ -34,100 +31,6 @@ CLUSTER_IP = {4: "10.96.0.10", 6: "fd00:10:96::10"}
 PORTS = [{"name": "http", "port": 80, "targetPort": 8080}, {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}]
 SLICE_PORTS = [{"name": "http", "port": 8080}, {"name": "dns", "port": 5353, "protocol": "UDP"}]
 EGRESS = programs.EGRESS.name
-
-# Client probes: what an application observes, as JSON.
-_TCP_PROBE = textwrap.dedent("""
-    import json, socket, struct, time
-    host, port, timeout = {host!r}, {port}, {timeout}
-    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    started = time.monotonic()
-    try:
-        s.connect((host, port))
-        out = {{"connected": True}}
-    except OSError as e:
-        # struct tcp_info: state, ca_state, retransmits (SYNs resent so far), ...
-        state, _, retransmits = struct.unpack_from("BBB", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104))
-        out = {{"errno": e.errno, "error": str(e), "state": state, "retransmits": retransmits}}
-    out["seconds"] = round(time.monotonic() - started, 2)
-    print(json.dumps(out), flush=True)
-""")
-
-_UDP_PROBE = textwrap.dedent("""
-    import json, socket
-    host, port = {host!r}, {port}
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    out = {{}}
-    for mode in ("unconnected", "connected"):
-        s = socket.socket(family, socket.SOCK_DGRAM)
-        s.settimeout(1.5)
-        try:
-            if mode == "connected":
-                s.connect((host, port))
-                out["getpeername"] = list(s.getpeername()[:2])
-                out[mode + "_sent"] = s.send(b"hello")
-            else:
-                out[mode + "_sent"] = s.sendto(b"hello", (host, port))
-            out[mode + "_reply"] = s.recv(65536).decode()
-        except OSError as e:
-            out[mode + "_error"] = e.errno if e.errno is not None else "timeout"
-        finally:
-            s.close()
-    print(json.dumps(out))
-""")
-
-# Prints the TCP and UDP packets sent by `sources` that cross any interface of the netns it runs
-# in, as [source, destination, protocol, destination port], once a line arrives on stdin.
-_SNIFFER = textwrap.dedent("""
-    import ipaddress, json, select, socket, sys
-    sources = {sources!r}
-    raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-    seen = []
-    print("ready", flush=True)
-    while True:
-        ready, _, _ = select.select([raw, sys.stdin], [], [])
-        if sys.stdin in ready:
-            break
-        frame = raw.recv(65536)
-        kind = frame[12:14]
-        if kind == b"\\x08\\x00":
-            proto, src, dst, l4 = frame[23], frame[26:30], frame[30:34], 14 + (frame[14] & 0xF) * 4
-        elif kind == b"\\x86\\xdd":
-            proto, src, dst, l4 = frame[20], frame[22:38], frame[38:54], 54
-        else:
-            continue
-        src, dst = str(ipaddress.ip_address(src)), str(ipaddress.ip_address(dst))
-        if proto in (6, 17) and src in sources:
-            seen.append([src, dst, proto, int.from_bytes(frame[l4 + 2:l4 + 4], "big")])
-    print(json.dumps(seen), flush=True)
-""")
-
-
-def tcp_probe(place: ctlb_lab.Place, host: str, port: int, *, timeout: float = 2.5) -> dict[str, Any]:
-    out = place.python(_TCP_PROBE.format(host=host, port=port, timeout=timeout), timeout=timeout + 10, check=True)
-    return json.loads(out.stdout)
-
-
-def udp_probe(place: ctlb_lab.Place, host: str, port: int) -> dict[str, Any]:
-    out = place.python(_UDP_PROBE.format(host=host, port=port), timeout=15, check=True)
-    return json.loads(out.stdout)
-
-
-@contextmanager
-def sniffing(cluster: Cluster, client: ctlb_lab.Pod) -> Iterator[list[list[Any]]]:
-    """Records what `client` sends across the node while the block runs; the list fills on exit."""
-    sources = [str(a) for a in client.addresses]
-    proc = cluster.lab.node.popen([sys.executable, "-c", _SNIFFER.format(sources=sources)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    seen: list[list[Any]] = []
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        yield seen
-        time.sleep(0.2)  # let the last frames of the block arrive
-        out, _ = proc.communicate("stop\n", timeout=10)
-        seen.extend(json.loads(out))
-    finally:
-        cluster.lab.node.kill(proc)
 
 
 def _pods(cluster: Cluster, names: list[str], *, ipv6: bool = False) -> list[ctlb_lab.Pod]:
@@ -173,7 +76,7 @@ def test_tcp_connect_times_out_when_only_other_nodes_have_endpoints(cluster: Clu
     _serve(cluster, [(remote, "other")], family=family)
     cluster.start_agent()
 
-    with sniffing(cluster, client) as sent:
+    with sniffing(cluster.lab, client) as sent:
         answer = tcp_probe(client, CLUSTER_IP[family], 80)
 
     assert answer.get("errno") != errno.ECONNREFUSED, "dropped, not refused"
@@ -188,7 +91,7 @@ def test_tcp_connect_from_an_ipv6_socket_to_an_ipv4_service_times_out(cluster: C
     _serve(cluster, [(remote, "other")])
     cluster.start_agent()
 
-    with sniffing(cluster, client) as sent:
+    with sniffing(cluster.lab, client) as sent:
         answer = tcp_probe(client, f"::ffff:{CLUSTER_IP[4]}", 80)
 
     assert answer.get("error") == "timed out" and answer["retransmits"] >= 1, answer
@@ -203,7 +106,7 @@ def test_udp_send_succeeds_and_nothing_arrives_when_only_other_nodes_have_endpoi
     _serve(cluster, [(remote, "other")], family=family)
     cluster.start_agent()
 
-    with sniffing(cluster, client) as sent:
+    with sniffing(cluster.lab, client) as sent:
         answer = udp_probe(client, CLUSTER_IP[family], 53)
 
     assert answer == {"unconnected_sent": 5, "unconnected_error": "timeout",
@@ -256,7 +159,7 @@ def test_an_endpoint_appearing_on_this_node_ends_the_drop_and_the_sockets_it_hel
     assert EGRESS in _attached(cluster)
     assert _status(cluster)["in_sync"], _status(cluster)["reasons"]
     assert _dropped(cluster) == {f"{CLUSTER_IP[4]}:80/TCP": True, f"{CLUSTER_IP[4]}:53/UDP": True}
-    pending = client.popen([sys.executable, "-c", _TCP_PROBE.format(host=CLUSTER_IP[4], port=80, timeout=30)],
+    pending = client.popen([sys.executable, "-c", TCP_PROBE.format(host=CLUSTER_IP[4], port=80, timeout=30)],
                            stdout=subprocess.PIPE, text=True)
     resolver = client.popen([sys.executable, "-c", _LONG_LIVED_UDP.format(host=CLUSTER_IP[4], port=53)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -66,6 +66,7 @@ def logging_tables(journal: list, *, frontends_max: int = 100, backends_max: int
             frontends=LoggingTable(f"ctlb_fe{fam}", frontends_max, journal),
             backends=LoggingTable(f"ctlb_be{fam}", backends_max, journal),
             members=LoggingTable(f"ctlb_member{fam}", backends_max, journal),
+            source_ranges=LoggingTable(f"ctlb_lb_src{fam}", frontends_max, journal),
         )
         for fam in (4, 6)
     }
@@ -546,7 +547,7 @@ def test_tcp_udp_and_sctp_on_one_address_and_port_are_three_frontends(layouts) -
     array = FakeArray(maps.FRONTENDS[4], layouts[maps.FRONTENDS[4]], 32)
     r = reconcile.Reconciler({**tables.memory_tables(), 4: tables.FamilyTables(
         frontends=tables.KernelFrontendTable(array, 4), backends=tables.MemoryTable("be4", 64),
-        members=tables.MemoryTable("m4", 64))})
+        members=tables.MemoryTable("m4", 64), source_ranges=tables.MemoryTable("src4", 64))})
     ports = {proto: desired.ServicePortState(
         name=desired.ServicePortName("default", "sig", proto.lower(), proto, model.IPFamily.IPv4),
         frontends={desired.Frontend(ipaddress.ip_address("10.96.0.10"), 3868, proto): desired.FrontendKind.CLUSTER_IP},

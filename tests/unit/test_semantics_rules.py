@@ -545,6 +545,25 @@ def test_source_ranges_are_carried_per_family_for_load_balancer_frontends(
     assert {s.name.family: s.source_ranges for s in _states(service, [])} == expected
 
 
+@pytest.mark.parametrize(
+    ("ranges", "node", "expected"),
+    [
+        (("172.18.0.0/16",), THIS_NODE, {IPv4: True, IPv6: False}),
+        (("203.0.113.0/24", "172.18.0.3/32", "fc00::/64"), THIS_NODE, {IPv4: True, IPv6: True}),
+        (("203.0.113.0/24", "2001:db8::/32"), THIS_NODE, {IPv4: False, IPv6: False}),
+        (("0.0.0.0/0",), THIS_NODE, {IPv4: True, IPv6: False}),
+        (("172.18.0.0/16",), None, {IPv4: False, IPv6: False}),
+    ],
+    ids=["node-ip-in-a-range", "each-family-by-its-own-address", "node-outside", "everything", "node-unknown"],
+)
+def test_the_node_is_admitted_when_a_range_of_the_family_holds_one_of_its_addresses(
+    ranges: tuple[str, ...], node: model.Node | None, expected: dict[model.IPFamily, bool]
+) -> None:
+    service = _service(type=Type.LOAD_BALANCER, cluster_ips=("10.96.0.10", "fd00:10:96::a"), ingress=DUAL_LB,
+                       source_ranges=ranges)
+    assert {s.name.family: s.source_ranges_admit_node for s in _states(service, [], node)} == expected
+
+
 # --- conflicts keep the decisions --------------------------------------------------------------
 
 
