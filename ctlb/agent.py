@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from ctlb import datapath, desired, model, planner, statefile
+from ctlb import datapath, desired, healthcheck, model, planner, semantics, statefile
 from ctlb.datapath import cgroup, reconcile, sockdiag
 from ctlb.sources import manifests, store
 from meshredirect import control, switch, xdsfeed
@@ -39,6 +39,10 @@ class AgentConfig:
     mesh: switch.MeshSettings = field(default_factory=switch.MeshSettings)
     # Where the node's xDS server listens (`unix:/path`, `host:port`); empty: no xDS server.
     xds_listen: tuple[str, ...] = ()
+    # Where kube-proxy's /healthz and /livez are served; None: not served.
+    healthz_address: healthcheck.BindAddress | None = None
+    # How long a change may wait for a sync before the proxy counts as unhealthy.
+    health_timeout: float = healthcheck.DEFAULT_HEALTH_TIMEOUT
 
 
 class Source(Protocol):
@@ -147,6 +151,13 @@ class Agent:
         self._frontend_kinds: dict[str, str] = {}
         # What planning ahead of the first sync moved, with the state each had before.
         self._planned_ahead: planner.Moved = {}
+        # kube-proxy's health servers: the proxy's own (if asked for) and one per Service health check.
+        self.health = healthcheck.ProxyHealth(timeout=config.health_timeout, pending=objects.pending_since)
+        self.health_checks = healthcheck.ServiceHealthServers(health=self.health)
+        self.healthz = (None if config.healthz_address is None
+                        else healthcheck.ProxyHealthServer(config.healthz_address, health=self.health))
+        self._health_checks_version = 0
+        self._sync_problems: list[model.Problem] = []  # the last sync's problems but the health checks'
         self.state = statefile.AgentState(
             pid=os.getpid(), node=config.node_name, source=source.describe(),
             cgroup=str(config.cgroup), bpffs=str(config.bpffs), started=_now(),
@@ -157,6 +168,9 @@ class Agent:
         started = time.perf_counter()
         first = self.state.syncs == 0
         with self.store.locked():
+            pending = self.store.pending_since()
+            if pending is not None:
+                self.health.queued(pending)  # before `take` clears it: no moment without either
             changes = self.store.take()
             if changes is None and not first:
                 return False
@@ -172,6 +186,8 @@ class Agent:
                 self.mesh.update(self.store)
             source_problems = self.store.problems()
             services = self.store.objects("Service") if self.xds is not None else []
+            node = self.store.get(("Node", "", self.config.node_name))
+        self.health.set_node_eligible(semantics.node_eligible(node if isinstance(node, model.Node) else None))
         plan = self.planner.state()
         if self.xds is not None:
             self.xds.offer(plan.service_ports, [s for s in services if isinstance(s, model.Service)])
@@ -181,7 +197,12 @@ class Agent:
             self._tend_pods()
         programmed = time.perf_counter()
         self._end_stale_flows(changed, plan)
-        problems = sorted({*source_problems, *plan.problems, *outcome.problems, *self.mesh.problems})
+        self.health.updated()
+        if self.planner.health_checks_version != self._health_checks_version:
+            self._health_checks_version = self.planner.health_checks_version
+            self.health_checks.update(self.planner.health_checks())
+        self._sync_problems = sorted({*source_problems, *plan.problems, *outcome.problems, *self.mesh.problems})
+        problems = sorted({*self._sync_problems, *self.health_checks.problems()})
         self._report(problems)
         names_changed = self._record(plan, changed, outcome, problems)
         timings = {"read_ms": round(read_ms, 3), "semantics_ms": round(1000 * (decided - started), 3),
@@ -246,6 +267,7 @@ class Agent:
         st.in_sync = not outcome.problems
         st.problems = [{"object": p.ref, "reason": p.reason} for p in problems]
         st.source_status = self.source.status()
+        st.health = self._health_status()
         if names_changed:
             st.services = {str(i): str(n) for i, n in sorted(self.datapath.reconciler.service_of.items())}
             st.frontend_kinds = dict(sorted(self._frontend_kinds.items()))
@@ -285,8 +307,31 @@ class Agent:
                 self._note_source_status()
                 if self.state.syncs:
                     self._tend_pods()
+            self._tend_health()
             if not stop.is_set():
                 self.source.wait(self.config.interval)
+
+    def close(self) -> None:
+        """Stops the health servers (the datapath stays)."""
+        self.health_checks.close()
+        if self.healthz is not None:
+            self.healthz.close()
+
+    def _tend_health(self) -> None:
+        """Tries again the health ports that could not be listened on, and reports what now does."""
+        listening = self.health_checks.retry()
+        if self.healthz is not None:
+            listening |= self.healthz.retry()
+        if listening and self.state.syncs:
+            problems = sorted({*self._sync_problems, *self.health_checks.problems()})
+            self._report(problems)
+            self.state.problems = [{"object": p.ref, "reason": p.reason} for p in problems]
+            self.state.health = self._health_status()
+            statefile.write(self.config.run_dir, self.state, names=False)
+
+    def _health_status(self) -> dict[str, object]:
+        return {"healthz": self.healthz.status() if self.healthz is not None else None,
+                "checks": self.health_checks.status()}
 
     def _plan_ahead(self) -> None:
         """Before the first sync, while the source still lists: plans what has come so far
@@ -338,6 +383,8 @@ def run(config: AgentConfig, *, stop: threading.Event) -> None:
         the_agent = Agent(config, source=source, objects=objects, dp=dp, xds_server=xds_server)
         the_agent.run(stop)
     finally:
+        if the_agent is not None:
+            the_agent.close()
         if the_agent is not None and the_agent.xds is not None:
             the_agent.xds.close()
         elif xds_server is not None:

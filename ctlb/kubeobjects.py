@@ -183,6 +183,7 @@ def _service(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> model.Service:
         load_balancer_source_ranges=_source_ranges(spec),
         traffic_distribution=_string(spec, "trafficDistribution", path="spec"),
         labels=_string_pairs(meta, "labels"),
+        health_check_node_port=_node_port(spec.get("healthCheckNodePort"), path="spec.healthCheckNodePort"),
     )
 
 
@@ -431,7 +432,17 @@ def _node(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> model.Node:
         ip = _ip(entry.get("address"), path=f"{path}.address")
         if ip not in addresses:
             addresses.append(ip)
-    return model.Node(name=meta["name"], addresses=tuple(addresses), labels=_string_pairs(meta, "labels"))
+    return model.Node(name=meta["name"], addresses=tuple(addresses), labels=_string_pairs(meta, "labels"),
+                      deleting=_string(meta, "deletionTimestamp", path="metadata") is not None,
+                      taints=_taint_keys(_mapping(obj, "spec", path="")))
+
+
+def _taint_keys(spec: Mapping[str, Any]) -> tuple[str, ...]:
+    keys: list[str] = []
+    for i, value in enumerate(_list(spec, "taints", path="spec")):
+        path = f"spec.taints[{i}]"
+        keys.append(_required_string(_mapping_item(value, path=path), "key", path=path))
+    return tuple(keys)
 
 
 def _namespace(obj: Mapping[str, Any], meta: Mapping[str, Any]) -> model.Namespace:
@@ -522,6 +533,7 @@ class _ServiceSpec(msgspec.Struct, rename="camel"):
     external_traffic_policy: model.TrafficPolicy | None = None
     internal_traffic_policy: model.TrafficPolicy | None = None
     traffic_distribution: str | None = None
+    health_check_node_port: int | None = None
 
 
 class _LoadBalancerStatus(msgspec.Struct):
@@ -616,6 +628,7 @@ def _from_common_service(value: _Service) -> model.Service:
         internal_traffic_policy=spec.internal_traffic_policy or model.TrafficPolicy.CLUSTER,
         traffic_distribution=spec.traffic_distribution,
         labels=labels,
+        health_check_node_port=_common_node_port(spec.health_check_node_port),
     )
 
 
@@ -667,6 +680,11 @@ def _common_port(value: int) -> int:
     if not 1 <= value <= 65535:
         raise _NotCommon
     return value
+
+
+def _common_node_port(value: int | None) -> int | None:
+    # As `_node_port`: 0 is how the API spells "not allocated".
+    return None if value is None or value == 0 else _common_port(value)
 
 
 def _from_common_endpoint_slice(value: _EndpointSlice) -> model.EndpointSlice:

@@ -88,6 +88,8 @@ class Service:
     load_balancer_source_ranges: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     traffic_distribution: str | None = None
     labels: tuple[tuple[str, str], ...] = ()
+    # spec.healthCheckNodePort as given (None when unset or 0); semantics decides whether it is served.
+    health_check_node_port: int | None = None
 
     @property
     def ref(self) -> ObjectRef:
@@ -135,6 +137,8 @@ class Node:
     name: str
     addresses: tuple[IPAddress, ...]  # InternalIP and ExternalIP addresses
     labels: tuple[tuple[str, str], ...] = ()
+    deleting: bool = False  # metadata.deletionTimestamp is set
+    taints: tuple[str, ...] = ()  # the keys of spec.taints, in order
 
     @property
     def ref(self) -> ObjectRef:

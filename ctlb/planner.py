@@ -37,6 +37,9 @@ class Planner:
         # Services an update while listing left for later (see `update`).
         self._waiting: set[_ServiceKey] = set()
         self.frontend_count = 0
+        # Services with a health check served on this node; the version moves when they change.
+        self._health_checks: dict[_ServiceKey, semantics.HealthCheck] = {}
+        self.health_checks_version = 0
 
     def update(self, objects: store.ObjectStore, changes: store.Changes | None, *, listing: bool = False) -> Moved:
         """Brings the plan up to date with `objects`.
@@ -87,6 +90,10 @@ class Planner:
         problems = sorted({p for group in self._conflicts.values() for p in group})
         return desired.DesiredState(service_ports=self._kept, problems=tuple(problems))
 
+    def health_checks(self) -> dict[_ServiceKey, semantics.HealthCheck]:
+        """The health checks to serve, by Service (namespace, name): a copy."""
+        return dict(self._health_checks)
+
     # --- which Services to recompute --------------------------------------------------------
 
     def _dirty_services(self, objects: store.ObjectStore, changes: store.Changes | None) -> set[_ServiceKey]:
@@ -102,7 +109,7 @@ class Planner:
                 for obj in (before, objects.get(key)):
                     if isinstance(obj, model.EndpointSlice):
                         dirty.add((namespace, obj.service_name))
-            elif kind == "Node" and name == self.node_name:
+            elif kind == "Node" and name == self.node_name and _node_moved(before, objects.get(key)):
                 return self._every_service(objects)  # node addresses and zone reach every Service
         return dirty
 
@@ -117,6 +124,7 @@ class Planner:
         new: list[desired.ServicePortState] = []
         if isinstance(service, model.Service) and semantics.is_proxied(service):
             new = semantics.service_port_states(service, slices=objects.slices_of(*key), node=node)
+        self._plan_health_check(key, service if isinstance(service, model.Service) else None, objects)
         old = self._raw.get(key, [])
         # Equal results keep the old values, so later stages can tell by identity that nothing moved.
         old_by_name = {state.name: state for state in old}
@@ -136,6 +144,18 @@ class Planner:
         else:
             self._raw.pop(key, None)
         return {state.name for state in old} | {state.name for state in new}
+
+    def _plan_health_check(self, key: _ServiceKey, service: model.Service | None, objects: store.ObjectStore) -> None:
+        check = None
+        if service is not None and semantics.needs_health_check(service):
+            check = semantics.health_check(service, slices=objects.slices_of(*key), node_name=self.node_name)
+        if self._health_checks.get(key) == check:
+            return
+        if check is None:
+            del self._health_checks[key]
+        else:
+            self._health_checks[key] = check
+        self.health_checks_version += 1
 
     # --- frontend claims --------------------------------------------------------------------
 
@@ -186,6 +206,14 @@ class Planner:
             return raw, problems
         # A service port left with no frontend is dropped: nothing could reach it.
         return (replace(raw, frontends=owned) if owned else None), problems
+
+
+def _node_moved(before: model.KubeObject | None, after: model.KubeObject | None) -> bool:
+    """Whether this node changed in what the service-port states read: its name's presence, its
+    addresses and labels (not its taints or deletion, which only the health server reads)."""
+    if not isinstance(before, model.Node) or not isinstance(after, model.Node):
+        return True
+    return (before.addresses, before.labels) != (after.addresses, after.labels)
 
 
 def _conflict_problem(

@@ -436,3 +436,125 @@ def _apply_traffic_policies(
     external_local = service.external_traffic_policy is model.TrafficPolicy.LOCAL
     local = endpoints.local if external_local and externally_accessible else None
     return _PolicyResult(backends=backends, drop=drop, external_backends=external, local_backends=local)
+
+
+# --- health checks ---------------------------------------------------------------------------
+#
+# Followed: kube-proxy's pkg/proxy/healthcheck (service_health.go, proxy_health.go) and the
+# local-endpoint count the proxiers hand it (pkg/proxy/endpoints.go, EndpointsMap.
+# LocalReadyEndpoints), as of Kubernetes 1.34 (kubernetes/kubernetes master).
+
+# The taint the Cluster Autoscaler puts on a node it is about to delete (kube-proxy's ToBeDeletedTaint).
+TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """A Service's healthCheckNodePort, and how many ready endpoints it has on this node.
+
+    `local_endpoints` holds one count per family the Service is served in, IPv4 first: kube-proxy
+    runs one proxier, with its own health server and count, per family.
+    """
+
+    namespace: str
+    name: str
+    port: int
+    local_endpoints: tuple[tuple[model.IPFamily, int], ...]
+
+    def local_endpoints_for(self, family: model.IPFamily) -> int:
+        """The count a health check arriving over `family` is answered with.
+
+        kube-proxy's per-family servers each answer with their own family's count (each on its
+        family's node addresses when --nodeport-addresses names them; with the default, both
+        want the same all-address port and the first to listen serves it). ctlb listens once, on
+        both families, so it answers each with its own family's count, and a family the Service
+        is not served in with the first family's.
+        """
+        counts = dict(self.local_endpoints)
+        if family in counts:
+            return counts[family]
+        return self.local_endpoints[0][1] if self.local_endpoints else 0
+
+
+def needs_health_check(service: model.Service) -> bool:
+    """kube-proxy's NeedsHealthCheck (a LoadBalancer with externalTrafficPolicy Local) and a port.
+
+    A NodePort Service with externalTrafficPolicy Local gets no health check, even with a
+    healthCheckNodePort (the API server allocates none for it anyway). kube-proxy logs a
+    LoadBalancer Service without one and serves it without a health check: so does ctlb.
+    """
+    return (service.type is model.ServiceType.LOAD_BALANCER
+            and service.external_traffic_policy is model.TrafficPolicy.LOCAL
+            and service.health_check_node_port is not None
+            and is_proxied(service))
+
+
+def health_check(
+    service: model.Service, *, slices: Sequence[model.EndpointSlice], node_name: str
+) -> HealthCheck | None:
+    """The health check kube-proxy serves for a Service on this node, or None if it serves none.
+
+    Args:
+        service: the Service.
+        slices: its EndpointSlices, of every address type, in any order.
+        node_name: this node's name ("" counts no endpoint as local).
+
+    Returns:
+        The port and the local endpoint counts; None unless `needs_health_check`.
+    """
+    if not needs_health_check(service) or service.health_check_node_port is None:
+        return None
+    counts = tuple((family, local_ready_endpoints(_slices_of_family(slices, family), node_name=node_name))
+                   for family in _families(service))
+    return HealthCheck(namespace=service.namespace, name=service.name, port=service.health_check_node_port,
+                       local_endpoints=counts)
+
+
+def local_ready_endpoints(slices: Iterable[model.EndpointSlice], *, node_name: str) -> int:
+    """kube-proxy's LocalReadyEndpoints: distinct addresses of this node's ready endpoints.
+
+    - Ready only (unset counts as ready): a serving-terminating endpoint still gets traffic
+      (KEP-1669) but fails the health check, so the load balancer drains the node before the
+      last endpoint goes ("Only add ready endpoints for health checking", endpoints.go).
+    - Local: the endpoint's nodeName is this node's.
+    - Counted by address, not by address and port: an endpoint behind two Service ports is one.
+      kube-proxy counts the first address of every endpoint in a slice port it read (one with a
+      port number), whether or not the Service has that port: so does this.
+    - An address listed twice (an endpoint moving between slices) counts when any copy is local
+      and ready; kube-proxy keeps one copy, which one depending on map order.
+    """
+    if not node_name:
+        return 0
+    addresses = {endpoint.addresses[0]
+                 for endpoint_slice in slices if endpoint_slice.ports
+                 for endpoint in endpoint_slice.endpoints
+                 if endpoint.addresses and endpoint.node_name == node_name and _ready(endpoint)}
+    return len(addresses)
+
+
+def node_eligible(node: model.Node | None) -> bool:
+    """kube-proxy's NodeEligible, which /healthz (not /livez) answers 503 without.
+
+    A node is eligible unless it is being deleted or the Cluster Autoscaler tainted it for
+    deletion. Without its Node object it is not eligible either (kube-proxy 1.34's NodeManager
+    has no node to report then).
+    """
+    if node is None or node.deleting:
+        return False
+    return TO_BE_DELETED_TAINT not in node.taints
+
+
+def proxy_healthy(*, synced: bool, oldest_pending: float | None, now: float, timeout: float) -> bool:
+    """kube-proxy's proxy health: no change has waited longer than `timeout` for a sync.
+
+    Args:
+        synced: a sync has completed since start. Until then the proxy counts as healthy
+            (kube-proxy: "the proxier is healthy while it's starting up").
+        oldest_pending: when the oldest change not yet programmed arrived (seconds on the same
+            clock as `now`), None when everything is programmed.
+        now: the current time.
+        timeout: kube-proxy's healthTimeout (twice its sync period, 60 s by default).
+    """
+    if not synced or oldest_pending is None:
+        return True
+    return now - oldest_pending < timeout

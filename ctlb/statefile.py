@@ -36,6 +36,7 @@ class AgentState:
     problems: list[dict[str, str]] = field(default_factory=list)
     source_status: dict[str, object] = field(default_factory=dict)  # connected, synced, stale_since, last_error
     mesh: dict[str, object] = field(default_factory=dict)  # pods, meshed, waiting (pods without a cgroup yet)
+    health: dict[str, object] = field(default_factory=dict)  # healthz (address, listening, error), checks
     services: dict[str, str] = field(default_factory=dict)  # svc id -> service port name
     frontend_kinds: dict[str, str] = field(default_factory=dict)  # frontend -> ClusterIP, NodePort, ...
 

@@ -9,7 +9,7 @@ import signal
 import socket
 import threading
 
-from ctlb import agent, datapath, logs
+from ctlb import agent, datapath, healthcheck, logs
 from ctlb.cli import common
 from ctlb.datapath import cgroup
 from meshredirect import switch
@@ -19,6 +19,7 @@ EPILOG = """examples:
   ctlb agent --kubeconfig ~/.kube/config          # watch the API server of a kubeconfig
   ctlb agent --manifests deploy/example/          # serve manifest files, reload on change
   ctlb agent --manifests svc.yaml --cgroup /sys/fs/cgroup/kubepods.slice
+  ctlb agent --healthz-bind-address 127.0.0.1:10256   # /healthz and /livez on loopback only
 """
 
 
@@ -53,6 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--xds-listen", action="append", default=None, metavar="ADDR",
                    help="where the sidecars' xDS server listens: unix:/path or host:port (repeatable; "
                         "default unix:<run dir>/xds.sock; 'none' for no xDS server)")
+    p.add_argument("--healthz-bind-address", type=_bind_address, default=healthcheck.DEFAULT_HEALTHZ_ADDRESS,
+                   metavar="ADDR",
+                   help="IP:PORT where kube-proxy's /healthz and /livez are served; 0.0.0.0 or :: is every "
+                        f"address of both families ('' or 'none' to turn it off; default {healthcheck.DEFAULT_HEALTHZ_ADDRESS})")
     p.add_argument("--log-json", action=argparse.BooleanOptionalAction, default=None,
                    help="JSON log lines (default: when stderr is not a terminal)")
     p.set_defaults(func=run)
@@ -71,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         sizes=datapath.MapSizes(frontends=args.max_frontends, backends=args.max_backends,
                                 revnat=args.max_revnat, affinity=args.max_affinity),
         xds_listen=_xds_listen(args.xds_listen, run_dir=args.run_dir),
+        healthz_address=args.healthz_bind_address,
         mesh=switch.MeshSettings(
             namespace_labels=tuple(args.mesh_label) if args.mesh_label else switch.MeshSettings().namespace_labels,
             opt_out_key=args.mesh_opt_out, sidecar_uid=args.sidecar_uid, outbound_port=args.sidecar_port),
@@ -93,6 +99,13 @@ def _port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
     return int(text)
+
+
+def _bind_address(text: str) -> healthcheck.BindAddress | None:
+    try:
+        return healthcheck.BindAddress.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _xds_listen(given: list[str] | None, *, run_dir: pathlib.Path) -> tuple[str, ...]:

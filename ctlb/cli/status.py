@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-from ctlb import statefile
+from ctlb import healthcheck, statefile
 from ctlb.cli import common
 from ctlb.datapath import inspect, programs, reconcile, tables
 
@@ -64,6 +64,7 @@ def collect(args: argparse.Namespace) -> Status:
         st.problems = agent.problems
         st.agent["source_status"] = agent.source_status
         st.agent["mesh"] = agent.mesh
+        st.agent["health"] = agent.health
         stale = agent.source_status.get("stale_since")
         if stale:
             error = agent.source_status.get("last_error")
@@ -116,6 +117,7 @@ def render(st: Status) -> str:
         waiting = mesh.get("waiting") or []
         if waiting:
             out.append(f"  - no cgroup found yet for: {', '.join(str(w) for w in waiting)}")
+    out += _render_health(st.agent.get("health") if st.agent else None)
     if st.attached:
         out += ["", common.table(["HOOK", "PROGRAM", "PROG ID", "CGROUP ID"],
                                  [[str(a["hook"]), str(a["program"]), str(a["prog_id"]), str(a["cgroup_id"])]
@@ -129,3 +131,24 @@ def render(st: Status) -> str:
         out += ["", f"Objects not served ({len(st.problems)}):",
                 common.table(["OBJECT", "REASON"], [[p["object"], p["reason"]] for p in st.problems])]
     return "\n".join(out)
+
+
+def _render_health(health: object) -> list[str]:
+    """The healthz line, and a table of the Services' health checks when there are some."""
+    if not isinstance(health, dict) or not health:
+        return []
+    healthz = health.get("healthz")
+    if not isinstance(healthz, dict):
+        out = ["Healthz:     off"]
+    elif healthz.get("listening"):
+        out = [f"Healthz:     http://{healthz['address']}/healthz and /livez"]
+    else:
+        out = [f"Healthz:     not listening: {healthz.get('error')} (tried again every {healthcheck.RETRY_INTERVAL:g} s)"]
+    checks = health.get("checks") or []
+    if isinstance(checks, list) and checks:
+        rows = [[str(c["service"]), str(c["port"]),
+                 ", ".join(f"{family} {n}" for family, n in dict(c["local_endpoints"]).items()) or "-",
+                 str(c["address"]) if c.get("listening") else f"no: {c.get('error')}"]
+                for c in checks]
+        out += ["", common.table(["HEALTH CHECK", "PORT", "LOCAL ENDPOINTS", "LISTENING"], rows)]
+    return out

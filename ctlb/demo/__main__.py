@@ -145,7 +145,9 @@ def demo(the_lab: ctlb_lab.Lab, work: pathlib.Path, bpffs: pathlib.Path, xds_dir
     agent = subprocess.Popen([sys.executable, "-m", "ctlb.cli.main", "agent", "--manifests", str(manifests),
                               "--node-name", "demo-node", "--cgroup", str(the_lab.cgroup_root),
                               "--bpffs", str(bpffs), "--run-dir", str(run_dir), "--xds-listen", xds,
-                              "--log-json"],
+                              # Any free port on loopback (`ctlb status` shows which): never the
+                              # node's 10256, which a real kube-proxy or agent may hold.
+                              "--healthz-bind-address", "127.0.0.1:0", "--log-json"],
                              stdout=log, stderr=log)
     try:
         st = wait_for_sync(run_dir, agent, after=0)

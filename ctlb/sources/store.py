@@ -9,6 +9,7 @@ every method takes the lock, and `wait` wakes the agent when something changed.
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -50,6 +51,8 @@ class ObjectStore:
         self._problems: dict[str, tuple[model.Problem, ...]] = {}
         self._before: dict[Key, model.KubeObject | None] = {}
         self._problems_changed = False
+        # When the oldest change not yet taken came (time.monotonic()), None when all are taken.
+        self._pending_since: float | None = None
 
     # --- writers ------------------------------------------------------------------------------
 
@@ -87,6 +90,8 @@ class ObjectStore:
             else:
                 self._problems.pop(origin, None)
             self._problems_changed = True
+            if self._pending_since is None:
+                self._pending_since = time.monotonic()
             self._changed.set()
 
     def notify(self) -> None:
@@ -110,7 +115,15 @@ class ObjectStore:
             changes = Changes(before=self._before, problems_changed=self._problems_changed)
             self._before = {}
             self._problems_changed = False
+            self._pending_since = None
             return changes
+
+    def pending_since(self) -> float | None:
+        """When the oldest change not taken yet came (`time.monotonic()`), None if there is none.
+
+        Read without the lock, so a health check never waits on a long sync holding it.
+        """
+        return self._pending_since
 
     def wait(self, timeout: float) -> bool:
         """Blocks until something changed since the last take, or `timeout` seconds passed."""
@@ -161,6 +174,8 @@ class ObjectStore:
     # --- internals ----------------------------------------------------------------------------
 
     def _note(self, key: Key, old: model.KubeObject | None) -> None:
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
         self._before.setdefault(key, old)
         if not self._changed.is_set():  # setting takes the event's own lock: 20k times at a start-up
             self._changed.set()

@@ -54,8 +54,14 @@ class Cluster:
     # --- the agent ------------------------------------------------------------------------
 
     def start_agent(self, *extra: str, kubeconfig: pathlib.Path | None = None, wait: bool = True) -> None:
-        """Starts the agent on the manifests folder, or on the API server of `kubeconfig`."""
+        """Starts the agent on the manifests folder, or on the API server of `kubeconfig`.
+
+        Without a `--healthz-bind-address` in `extra`, the agent serves no /healthz: the node's
+        10256 is shared by every test and agent running on this machine.
+        """
         source = ["--kubeconfig", str(kubeconfig)] if kubeconfig is not None else ["--manifests", str(self.manifests)]
+        if "--healthz-bind-address" not in extra:
+            extra = (*extra, "--healthz-bind-address", "none")
         self.agent_args = ["agent", *source, "--node-name", NODE_NAME,
                            "--cgroup", str(self.lab.cgroup_root), "--bpffs", str(self.bpffs),
                            "--run-dir", str(self.run_dir), "--log-json", *extra]

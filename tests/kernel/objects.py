@@ -28,7 +28,7 @@ def service(name: str, *, cluster_ips: Sequence[str], ports: Sequence[dict[str, 
             namespace: str = "default", type: str = "ClusterIP", affinity_timeout: int | None = None,
             external_ips: Sequence[str] = (), lb_ips: Sequence[str] = (),
             internal_policy: str = "Cluster", external_policy: str = "Cluster",
-            source_ranges: Sequence[str] = ()) -> dict[str, Any]:
+            source_ranges: Sequence[str] = (), health_check_node_port: int | None = None) -> dict[str, Any]:
     families = ["IPv6" if ":" in ip else "IPv4" for ip in cluster_ips]
     spec: dict[str, Any] = {
         "clusterIP": cluster_ips[0],
@@ -42,6 +42,8 @@ def service(name: str, *, cluster_ips: Sequence[str], ports: Sequence[dict[str, 
     }
     if type in ("NodePort", "LoadBalancer"):
         spec["externalTrafficPolicy"] = external_policy
+    if health_check_node_port is not None:
+        spec["healthCheckNodePort"] = health_check_node_port
     if affinity_timeout is not None:
         spec["sessionAffinity"] = "ClientIP"
         spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": affinity_timeout}}

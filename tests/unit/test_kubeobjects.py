@@ -192,6 +192,9 @@ spec:
   podCIDR: 10.244.1.0/24
   podCIDRs:
   - 10.244.1.0/24
+  taints:
+  - effect: NoSchedule
+    key: node-role.kubernetes.io/control-plane
 status:
   addresses:
   - address: 172.18.0.3
@@ -400,7 +403,21 @@ def test_dual_stack_load_balancer_service_is_converted_field_by_field() -> None:
         internal_traffic_policy=model.TrafficPolicy.LOCAL,
         load_balancer_source_ranges=(ipaddress.ip_network("203.0.113.0/24"), ipaddress.ip_network("2001:db8::/32")),
         traffic_distribution="PreferClose",
+        health_check_node_port=31999,
     )
+
+
+@pytest.mark.parametrize(("value", "expected"), [(31999, 31999), (0, None), (None, None)],
+                         ids=["allocated", "zero-is-unallocated", "unset"])
+def test_health_check_node_port_is_kept_as_given(value: int | None, expected: int | None) -> None:
+    # Either way in: the field readers (a Service with LB ingress) and the common pass (without).
+    with_ingress = _parse_service(_with(LOAD_BALANCER_SERVICE, {"spec.healthCheckNodePort": value}))
+    pending = _load(_COMMON_SHAPES["pending-load-balancer-service"])
+    pending["spec"]["healthCheckNodePort"] = value
+    common = kubeobjects._parse_common(pending)
+
+    assert isinstance(common, model.Service)
+    assert (with_ingress.health_check_node_port, common.health_check_node_port) == (expected, expected)
 
 
 @pytest.mark.parametrize(
@@ -604,6 +621,24 @@ def test_endpoint_slice_without_endpoints_is_empty() -> None:
 # --- Node, Namespace, Pod --------------------------------------------------------------------
 
 
+def test_node_deletion_and_taint_keys_are_kept() -> None:
+    node = kubeobjects.parse(_with(NODE, {
+        "metadata.deletionTimestamp": "2024-05-02T11:00:00Z",
+        "spec.taints": [{"key": "ToBeDeletedByClusterAutoscaler", "value": "1714647600", "effect": "NoSchedule"},
+                        {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}],
+    }))
+
+    assert isinstance(node, model.Node)
+    assert (node.deleting, node.taints) == (True, ("ToBeDeletedByClusterAutoscaler", "node.kubernetes.io/unschedulable"))
+
+
+def test_node_without_deletion_or_taints() -> None:
+    node = kubeobjects.parse(_with(NODE, {"spec.taints": _DELETE}))
+
+    assert isinstance(node, model.Node)
+    assert (node.deleting, node.taints) == (False, ())
+
+
 def test_node_keeps_internal_and_external_ips_only() -> None:
     node = kubeobjects.parse(_load(NODE))
 
@@ -612,6 +647,7 @@ def test_node_keeps_internal_and_external_ips_only() -> None:
         addresses=(_ip("172.18.0.3"), _ip("fc00:f853:ccd:e793::3"), _ip("203.0.113.30")),
         labels=(("kubernetes.io/hostname", "node-1"), ("kubernetes.io/os", "linux"),
                 ("topology.kubernetes.io/zone", "zone-a")),
+        taints=("node-role.kubernetes.io/control-plane",),
     )
 
 
@@ -742,6 +778,12 @@ _INVALID = [
     ("affinity-timeout-as-string", LOAD_BALANCER_SERVICE,
      {"spec.sessionAffinityConfig.clientIP.timeoutSeconds": "600"},
      "Service edge/ingress", 'spec.sessionAffinityConfig.clientIP.timeoutSeconds "600" is not an integer'),
+    ("health-check-node-port-too-big", LOAD_BALANCER_SERVICE, {"spec.healthCheckNodePort": 65536},
+     "Service edge/ingress", "spec.healthCheckNodePort 65536 is out of range 1..65535"),
+    ("health-check-node-port-as-string", LOAD_BALANCER_SERVICE, {"spec.healthCheckNodePort": "31999"},
+     "Service edge/ingress", 'spec.healthCheckNodePort "31999" is not an integer'),
+    ("node-taint-without-key", NODE, {"spec.taints": [{"effect": "NoSchedule"}]}, "Node node-1",
+     "spec.taints[0].key is missing"),
     ("unknown-external-traffic-policy", LOAD_BALANCER_SERVICE, {"spec.externalTrafficPolicy": "Global"},
      "Service edge/ingress", 'spec.externalTrafficPolicy "Global" is not one of Cluster, Local'),
     ("unknown-internal-traffic-policy", SERVICE, {"spec.internalTrafficPolicy": "local"}, "Service shop/web",
@@ -893,6 +935,21 @@ spec:
   - {name: dns, port: 53, protocol: UDP, targetPort: 0, nodePort: 0}
 status: {loadBalancer: {}}
 """,
+    # A LoadBalancer whose load balancer is not there yet: no ingress, so the common pass takes it.
+    "pending-load-balancer-service": """
+apiVersion: v1
+kind: Service
+metadata: {name: ingress, namespace: edge}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.200.8
+  clusterIPs: [10.96.200.8]
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32001
+  ports:
+  - {name: https, port: 443, targetPort: 8443, nodePort: 30444}
+status: {loadBalancer: {}}
+""",
     "ipv6-endpoint-slice-with-node-hints": """
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -975,7 +1032,7 @@ def test_common_pass_from_json_gives_what_the_field_readers_give_or_steps_aside(
 
 
 @pytest.mark.parametrize("name", ["service", "endpoint-slice", "headless-service", "dual-stack-node-port-service",
-                                  "ipv6-endpoint-slice-with-node-hints"])
+                                  "ipv6-endpoint-slice-with-node-hints", "pending-load-balancer-service"])
 def test_common_shapes_take_the_one_pass(name: str) -> None:
     obj = _load(_COMMON_SHAPES[name])
 

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from ctlb import desired, model, planner
+from ctlb import desired, model, planner, semantics
 from ctlb.sources import store
 
 TCP, UDP = model.Protocol.TCP, model.Protocol.UDP
@@ -27,14 +27,20 @@ def _service(rng: random.Random, name: str) -> model.Service:
                                     node_port=30000 + port if rng.random() < 0.3 else None)
                   for port in sorted(rng.sample((80, 81, 82), rng.randint(1, 2))))
     kind = model.ServiceType.NODE_PORT if any(p.node_port for p in ports) else model.ServiceType.CLUSTER_IP
-    return model.Service(namespace=rng.choice(("a", "b")), name=name, type=kind, ports=ports,
+    # Some node-port Services are LoadBalancers with externalTrafficPolicy Local: a health check.
+    local = kind is model.ServiceType.NODE_PORT and rng.random() < 0.5
+    return model.Service(namespace=rng.choice(("a", "b")), name=name,
+                         type=model.ServiceType.LOAD_BALANCER if local else kind, ports=ports,
                          cluster_ips=(_ip(ip),), ip_families=(model.IPFamily.IPv4,),
                          external_ips=(_ip("203.0.113.9"),) if rng.random() < 0.2 else (),
-                         affinity_timeout=rng.choice((None, 60)))
+                         affinity_timeout=rng.choice((None, 60)),
+                         external_traffic_policy=model.TrafficPolicy.LOCAL if local else model.TrafficPolicy.CLUSTER,
+                         health_check_node_port=rng.choice((32000, 32001)) if local else None)
 
 
 def _slice(rng: random.Random, name: str, namespace: str) -> model.EndpointSlice:
-    endpoints = tuple(model.Endpoint(addresses=(_ip(f"10.244.0.{rng.randint(2, 9)}"),), ready=rng.random() < 0.8)
+    endpoints = tuple(model.Endpoint(addresses=(_ip(f"10.244.0.{rng.randint(2, 9)}"),), ready=rng.random() < 0.8,
+                                     node_name=rng.choice((NODE_NAME, "node-2")))
                       for _ in range(rng.randint(0, 3)))
     ports = tuple(model.EndpointPort(f"p{port}", protocol, 8000 + port)
                   for port in (80, 81, 82) for protocol in (TCP, UDP))
@@ -43,7 +49,8 @@ def _slice(rng: random.Random, name: str, namespace: str) -> model.EndpointSlice
 
 
 def _node(rng: random.Random) -> model.Node:
-    return model.Node(name=NODE_NAME, addresses=(_ip(f"172.18.0.{rng.randint(1, 2)}"),))
+    taints = (semantics.TO_BE_DELETED_TAINT,) if rng.random() < 0.3 else ()
+    return model.Node(name=NODE_NAME, addresses=(_ip(f"172.18.0.{rng.randint(1, 2)}"),), taints=taints)
 
 
 def _random_change(rng: random.Random, objects: store.ObjectStore) -> None:
@@ -62,8 +69,19 @@ def _random_change(rng: random.Random, objects: store.ObjectStore) -> None:
 
 def _fresh(objects: store.ObjectStore) -> desired.DesiredState:
     snap = objects.snapshot()
-    node = next((n for n in snap.nodes if n.name == NODE_NAME), None)
+    # Without its Node object the planner still knows this node's name (local endpoints need it).
+    node = next((n for n in snap.nodes if n.name == NODE_NAME), model.Node(name=NODE_NAME, addresses=()))
     return planner.desired_state(services=snap.services, endpoint_slices=snap.endpoint_slices, node=node)
+
+
+def _fresh_health_checks(objects: store.ObjectStore) -> dict[tuple[str, str], semantics.HealthCheck]:
+    checks = {}
+    for service in objects.snapshot().services:
+        check = semantics.health_check(service, slices=objects.slices_of(service.namespace, service.name),
+                                       node_name=NODE_NAME)
+        if check is not None:
+            checks[(service.namespace, service.name)] = check
+    return checks
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -81,6 +99,7 @@ def test_incremental_plan_equals_planning_afresh_after_every_change(seed: int) -
         assert dict(state.service_ports) == dict(fresh.service_ports)
         assert state.problems == fresh.problems
         assert plan.frontend_count == fresh.frontend_count()
+        assert plan.health_checks() == _fresh_health_checks(objects)
         moved = {n for n in before.keys() | state.service_ports.keys()
                  if before.get(n) != state.service_ports.get(n)}
         assert moved <= changed.keys(), "every moved service port is reported"
@@ -110,6 +129,7 @@ def test_planning_ahead_while_listing_then_completing_equals_planning_afresh(see
         assert dict(state.service_ports) == dict(fresh.service_ports)
         assert state.problems == fresh.problems
         assert plan.frontend_count == fresh.frontend_count()
+        assert plan.health_checks() == _fresh_health_checks(objects)
         now_moved = {n for n in before.keys() | state.service_ports.keys()
                      if before.get(n) != state.service_ports.get(n)}
         assert now_moved <= moved.keys(), "every moved service port is reported, by one update or another"
