@@ -707,3 +707,36 @@ def test_frontend_table_batched_inserts_publish_only_complete_slots(layouts) -> 
     for frontend, value in wanted.items():
         assert lookup_like_sock_c(table, array.elems, frontend) == value
         assert table.get(frontend) == value
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_backend_slots_written_in_a_batch_are_the_bytes_one_slot_at_a_time_writes(layouts, family: int) -> None:
+    from ctlb.datapath import maps
+
+    array = FakeArray(maps.BACKENDS[family], layouts[maps.BACKENDS[family]], 8)
+    table = tables.KernelBackendTable(array, family)
+    base = "fd00:10:244::" if family == 6 else "10.244.0."
+    slots = [(i, tables.BackendSlot(7 + i, be(f"{base}{i + 2}", 8080 + 257 * i))) for i in range(4)]
+    assert table.put_many(slots) == 4
+    batched = [bytes(e) for e in array.elems[:4]]
+    for idx, slot in slots:
+        table.put(idx, slot)
+    assert [bytes(e) for e in array.elems[:4]] == batched
+    assert [table.get(idx) for idx, _ in slots] == [slot for _, slot in slots]
+
+
+@pytest.mark.parametrize("port", [
+    sp("web", ["10.96.0.1"], ["10.244.0.2", "10.244.0.10", "10.244.0.3"]),
+    sp("sticky", ["10.96.0.1", "192.0.2.7"], ["10.244.0.2"], affinity=10800),
+    sp("none", ["10.96.0.1"], []),
+    sp("dropped", ["10.96.0.1"], [], drop=True),
+    sp("v6", ["fd00::1", "fd00::2"], ["fd00:10:244::2", "fd00:10:244::a"]),
+    local_only("split", backends=["10.244.0.2"], external=["10.244.0.2", "10.244.0.3"], affinity=30),
+    local_only("dropping", backends=[], external=["10.244.0.3"]),
+], ids=["plain", "affinity", "refuses", "drops", "ipv6", "two-groups", "two-groups-one-empty"])
+def test_a_service_port_s_digest_is_the_sum_of_its_view_entries_digests(port: desired.ServicePortState) -> None:
+    """The agent keeps the state digest from `service_port_digest`, `ctlb status` computes it
+    from the maps' view entry by entry: the two must agree."""
+    view = reconcile.service_port_view(port)
+    assert reconcile.service_port_digest(port) == sum(reconcile.entry_digest(k, v) for k, v in view.items())
+    assert reconcile.combine(reconcile.service_port_digest(port)) == reconcile.digest(view)
