@@ -95,6 +95,7 @@ def from_empty(folder: pathlib.Path, *, rounds: int, fmt: str) -> dict[str, Any]
             "rounds": [round(r.start_to_programmed_s, 4) for r in summary.rounds],
             "read_s_median": statistics.median(r.start_to_sync_s for r in summary.rounds),
             "agent_cpu_s_median": statistics.median(r.cpu_s for r in summary.rounds),
+            "first_sync_s_median": statistics.median(r.first_sync_s for r in summary.rounds),
             "first_sync_timings_ms_median": {key: summary.median_timing(key)
                                              for key in ("read_ms", "semantics_ms", "program_ms")}}
 

@@ -259,8 +259,7 @@ class Agent:
         if sp is None:
             kinds: dict[str, str] = {}
         else:
-            view = reconcile.service_port_view(sp)
-            self._digest_of[name] = sum(reconcile.entry_digest(key, value) for key, value in view.items())
+            self._digest_of[name] = reconcile.service_port_digest(sp)
             self._digest_sum += self._digest_of[name]
             kinds = {str(fe): str(kind) for fe, kind in sp.frontends.items()}
             self._kinds_of[name] = kinds
