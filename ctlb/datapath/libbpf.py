@@ -87,8 +87,12 @@ def map_update_batch(fd: int, keys: ct.Array, values: ct.Array, count: int) -> t
     if ret >= 0:
         return count, None
     code = -ret if ret < -1 else ct.get_errno()
-    # The kernel sets the count to the elements written before the failure.
-    return min(done.value, count), BpfError(code, f"map update batch: {os.strerror(code)}")
+    # The kernel sets the count to the elements written before the failure, but an error it
+    # finds before the first (flags, an op the map lacks) leaves the count as it was passed in:
+    # then nothing was written. Saying so when all were (a count that could not be copied
+    # back) only makes the caller write them again.
+    written = done.value if done.value < count else 0
+    return written, BpfError(code, f"map update batch: {os.strerror(code)}")
 
 
 def map_delete(fd: int, key: ct.Structure | ct._SimpleCData) -> bool:

@@ -9,6 +9,7 @@ traffic through a datapath that the agent programmed this way from empty).
 
 from __future__ import annotations
 
+import ctypes as ct
 import ipaddress
 import itertools
 import os
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import pytest
 
 from ctlb import desired, model
-from ctlb.datapath import maps, programs, reconcile, tables
+from ctlb.datapath import libbpf, maps, programs, reconcile, tables
 
 TCP = model.Protocol.TCP
 _counter = itertools.count()
@@ -196,3 +197,19 @@ def test_a_batch_the_kernel_stops_part_way_leaves_the_entries_after_it_untouched
     assert table.put_many([(0, slot), (1, slot), (8, slot), (2, slot)]) == 2
     assert [idx for idx, _ in table.items()] == [0, 1]
     assert table.get(0) == slot
+
+
+def test_a_batch_the_kernel_refuses_before_its_first_entry_counts_as_nothing_written(make_datapath) -> None:
+    """An error the kernel finds before it looks at an entry (here: the fd is no map) leaves the
+    count it was given as it was, which must not read as all written."""
+    dp = make_datapath()
+    backends = dp.pinned[maps.BACKENDS[4]]
+    keys = (ct.c_uint32 * 2)(0, 1)
+    leaves = (backends.layout.leaf * 2)()
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        written, error = libbpf.map_update_batch(fd, keys, leaves, 2)
+    finally:
+        os.close(fd)
+    assert written == 0 and error is not None
+    assert backends.put_batch(keys, leaves, 2) == (2, None)
