@@ -25,6 +25,7 @@ _LIB.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
 _LIB.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
 _LIB.bpf_map_lookup_batch.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_void_p, ct.c_void_p,
                                       ct.POINTER(ct.c_uint32), ct.c_void_p]
+_LIB.bpf_map_update_batch.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.POINTER(ct.c_uint32), ct.c_void_p]
 _LIB.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
 _LIB.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
 _LIB.bpf_link_update.argtypes = [ct.c_int, ct.c_int, ct.c_void_p]
@@ -67,6 +68,31 @@ def map_lookup(fd: int, key: ct.Structure | ct._SimpleCData, value: ct.Structure
 def map_update(fd: int, key: ct.Structure | ct._SimpleCData, value: ct.Structure | ct._SimpleCData,
                flags: int = BPF_ANY) -> None:
     _check(_LIB.bpf_map_update_elem(fd, ct.byref(key), ct.byref(value), flags), "map update")
+
+
+def map_update_batch(fd: int, keys: ct.Array, values: ct.Array, count: int) -> tuple[int, BpfError | None]:
+    """Writes the first `count` keys and values (BPF_MAP_UPDATE_BATCH, flags BPF_ANY) in one
+    syscall instead of one each.
+
+    The kernel writes them in order and stops at the first that fails, so the result is how many
+    were written, all of them unless an error is returned too; the elements past that point are
+    untouched. No element is written in part: each is one ordinary update.
+    """
+    if count == 0:
+        return 0, None
+    if count > len(keys) or count > len(values):
+        raise ValueError(f"batch of {count} from arrays of {len(keys)} keys and {len(values)} values")
+    done = ct.c_uint32(count)
+    ret = _LIB.bpf_map_update_batch(fd, keys, values, ct.byref(done), None)
+    if ret >= 0:
+        return count, None
+    code = -ret if ret < -1 else ct.get_errno()
+    # The kernel sets the count to the elements written before the failure, but an error it
+    # finds before the first (flags, an op the map lacks) leaves the count as it was passed in:
+    # then nothing was written. Saying so when all were (a count that could not be copied
+    # back) only makes the caller write them again.
+    written = done.value if done.value < count else 0
+    return written, BpfError(code, f"map update batch: {os.strerror(code)}")
 
 
 def map_delete(fd: int, key: ct.Structure | ct._SimpleCData) -> bool:

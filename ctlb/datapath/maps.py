@@ -102,6 +102,12 @@ class PinnedMap:
     def put(self, key: ct.Structure, leaf: ct.Structure) -> None:
         libbpf.map_update(self.fd, key, leaf)
 
+    def put_batch(self, keys: ct.Array, leaves: ct.Array, count: int) -> tuple[int, libbpf.BpfError | None]:
+        """Writes the first `count` keys and leaves in order, in one syscall; returns how many
+        were written and, if not all, the error that stopped the kernel (see
+        `libbpf.map_update_batch`)."""
+        return libbpf.map_update_batch(self.fd, keys, leaves, count)
+
     def delete(self, key: ct.Structure) -> bool:
         return libbpf.map_delete(self.fd, key)
 

@@ -9,6 +9,10 @@ already programmed is lost.
 The reconciler keeps a shadow of what it programmed; it reads the maps once, at adoption, so a
 restarted agent takes over what the last one left without rewriting it.
 
+A pass that starts from empty maps (a fresh node) writes in batches: `_Batch` collects every
+backend slot, affinity member and frontend of the pass, and `_flush` writes them in that order, a
+few syscalls per map instead of one per entry; see `_Batch` for why that keeps make-before-break.
+
 A frontend that drops (LB_F_DROP), or may drop a client (LB_F_SOURCE_RANGES), needs the egress
 program that discards what is sent to the drop address: the reconciler has it attached
 (`Egress.ensure`) before it writes the first such frontend, and says when none is left
@@ -204,7 +208,23 @@ def service_port_view(sp: desired.ServicePortState) -> dict[str, object]:
 
 
 def entry_digest(key: str, value: object) -> int:
-    return int.from_bytes(hashlib.sha256(json.dumps([key, value], sort_keys=True).encode()).digest()[:8], "big")
+    return _text_digest(json.dumps([key, value], sort_keys=True))
+
+
+def service_port_digest(sp: desired.ServicePortState) -> int:
+    """The sum of `entry_digest` over `service_port_view(sp)`, with the JSON of each frontend
+    group's value made once instead of once per frontend (JSON writes a pair as "[" key ", "
+    value "]"), and no view built: at 10k Services this is most of a first sync's bookkeeping."""
+    total = 0
+    for group in sp.frontend_groups():
+        value = json.dumps(_view_entry(group.backends, sp.affinity_timeout, drop=group.drop), sort_keys=True)
+        for fe in group.frontends:
+            total += _text_digest(f"[{json.dumps(str(fe))}, {value}]")
+    return total
+
+
+def _text_digest(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
 def digest(view: Mapping[str, object]) -> str:
@@ -232,7 +252,8 @@ def _needs_egress(value: tables.FrontendValue) -> bool:
 class Reconciler:
     """Owns the frontend, backend and member maps of both families."""
 
-    def __init__(self, family_tables: Mapping[int, tables.FamilyTables], *, egress: Egress | None = None) -> None:
+    def __init__(self, family_tables: Mapping[int, tables.FamilyTables], *, egress: Egress | None = None,
+                 batch_from_empty: bool = True) -> None:
         self._tables = family_tables
         self._egress = egress
         self.programmed = read_programmed(family_tables)
@@ -264,6 +285,11 @@ class Reconciler:
         self._range_count = Counter({fam: self.programmed.source_range_count(fam) for fam in family_tables})
         self._writes = 0
         self._deletes = 0
+        # Set while a pass from empty maps collects its writes (see `_Batch`); `_owner` is the
+        # service port being programmed, whom the collected writes belong to.
+        self._batch_from_empty = batch_from_empty
+        self._batch: _Batch | None = None
+        self._owner: desired.ServicePortName | None = None
 
     # --- the whole pass ---------------------------------------------------------------------
 
@@ -294,7 +320,10 @@ class Reconciler:
             self._delete_dropped_frontends(changed, previous)
         problems: list[model.Problem] = []
         self.failed = set()
+        if self._first_pass and self._batch_from_empty and not self.programmed.frontends:
+            self._batch = _Batch()
         for name in sorted(changed, key=_NAME_ORDER):
+            self._owner = name
             problem = self._program_service_port(changed[name])
             if problem is None:
                 self._applied[name] = changed[name]
@@ -302,6 +331,9 @@ class Reconciler:
                 problems.append(problem)
                 self.failed.add(name)
                 self._applied.pop(name, None)
+        self._owner = None
+        if self._batch is not None:
+            self._flush(problems)
         for name in removed:
             del self._applied[name]
         if self._first_pass:
@@ -414,10 +446,7 @@ class Reconciler:
         except errors.MapFull as exc:
             # Ranges added stay: a frontend flipped before the failure may rely on them. Until a
             # pass succeeds, clients are judged by the old ranges and the new ones together.
-            log.warning("service_port_not_programmed", service_port=str(sp.name), reason=str(exc))
-            return model.Problem(ref=f"Service {sp.name.namespace}/{sp.name.name}",
-                                 reason=f"port {sp.name.port or '<unnamed>'}/{sp.name.protocol} "
-                                        f"({sp.name.family}) not programmed: {exc}")
+            return _not_programmed(sp.name, exc)
         self._delete_source_ranges(svc_id, keep=sp.source_ranges, fam=fam)
         return None
 
@@ -456,7 +485,11 @@ class Reconciler:
                 continue
             if _needs_egress(value):
                 self._ensure_egress()  # before a socket can be sent to the drop address
-            table.put(fe, value)
+            if self._batch is not None and old is None and self._owner is not None:
+                table.put_later(fe, value)  # written by `_flush`, after every set
+                self._batch.frontends.setdefault(self._owner, []).append(fe)
+            else:
+                table.put(fe, value)
             self._egress_users += _needs_egress(value) - (old is not None and _needs_egress(old))
             if old is None:
                 self._fe_count[fam] += 1
@@ -489,17 +522,21 @@ class Reconciler:
                 raise errors.MapFull(table.name, table.max_entries)
         set_id = self._allocate_set_id()
         written = 0
-        try:
-            for i, backend in enumerate(backends):
-                table.put(start + i, tables.BackendSlot(set_id, backend))
-                written += 1
-        except errors.MapFull:
-            for i in range(written):
-                table.delete(start + i)
-            self._ranges[fam].free(start, n)
-            raise
-        finally:
-            self._writes += written
+        if self._batch is not None and self._owner is not None:
+            self._batch.sets[(fam, set_id)] = (start, backends, self._owner)  # written by `_flush`
+            written = n
+        else:
+            try:
+                for i, backend in enumerate(backends):
+                    table.put(start + i, tables.BackendSlot(set_id, backend))
+                    written += 1
+            except errors.MapFull:
+                for i in range(written):
+                    table.delete(start + i)
+                self._ranges[fam].free(start, n)
+                raise
+            finally:
+                self._writes += written
         self.programmed.slots[fam] += written
         self.programmed.sets[(fam, set_id)] = backends
         self.programmed.starts[(fam, set_id)] = start
@@ -517,10 +554,13 @@ class Reconciler:
             if backends is None or self._set_refs[(fam, set_id)] > 0:
                 continue
             start = self.programmed.starts.pop((fam, set_id))
-            for i in range(len(backends)):
-                self._tables[fam].backends.delete(start + i)
+            if self._batch is not None and self._batch.sets.pop((fam, set_id), None) is not None:
+                pass  # never written: nothing to clear (see `_Batch`)
+            else:
+                for i in range(len(backends)):
+                    self._tables[fam].backends.delete(start + i)
+                self._deletes += len(backends)
             self._ranges[fam].free(start, len(backends))
-            self._deletes += len(backends)
             self.programmed.slots[fam] -= len(backends)
             del self.programmed.sets[(fam, set_id)]
 
@@ -581,6 +621,72 @@ class Reconciler:
             if svc_id not in self.service_of:
                 self._delete_source_ranges(svc_id, keep=(), fam=fam)
 
+    # --- a pass from empty: the batched writes ------------------------------------------------
+
+    def _flush(self, problems: list[model.Problem]) -> None:
+        """Writes what the pass collected: backend slots, then members, then frontends (see
+        `_Batch`). A service port one of whose writes the kernel refused is reported, and
+        none of its frontends is written."""
+        self._collect_unreferenced_sets()  # sets whose frontends did not fit: never written
+        batch, self._batch = self._batch, None
+        assert batch is not None
+        failed: dict[desired.ServicePortName, errors.MapFull] = {}
+        for fam, t in self._tables.items():
+            slots = [(start + i, tables.BackendSlot(set_id, backend), owner)
+                     for (f, set_id), (start, backends, owner) in batch.sets.items() if f == fam
+                     for i, backend in enumerate(backends)]
+            self._write_batch(t.backends, slots, failed)
+        for fam, t in self._tables.items():
+            members = [(key, True, owner) for key, owner in batch.members.items()
+                       if key.backend.address.version == fam]
+            unwritten = self._write_batch(t.members, members, failed)
+            for key in unwritten:  # never written: the shadow must not claim them
+                self.programmed.members.discard(key)
+                self._member_count[fam] -= 1
+        for name, exc in sorted(failed.items(), key=lambda item: _NAME_ORDER(item[0])):
+            self._drop_queued_frontends(batch.frontends.get(name, ()))
+            problems.append(_not_programmed(name, exc))
+            self.failed.add(name)
+            self._applied.pop(name, None)
+        for t in self._tables.values():
+            t.frontends.flush()
+
+    def _write_batch(self, table: tables.Table, items: list[tuple[object, object, desired.ServicePortName]],
+                     failed: dict[desired.ServicePortName, errors.MapFull]) -> list[object]:
+        """Writes `items` in batches. Where the kernel stops, the entry it stopped at is written
+        alone, which names the error; if that fails too, its owner is failed and the rest of
+        that owner's entries are skipped. Returns the keys not written."""
+        unwritten: list[object] = []
+        todo = items
+        while todo:
+            done = table.put_many([(key, value) for key, value, _ in todo])
+            self._writes += done
+            if done == len(todo):
+                break
+            key, value, owner = todo[done]
+            try:
+                table.put(key, value)
+            except errors.MapFull as exc:
+                failed.setdefault(owner, exc)
+                unwritten.append(key)
+            else:
+                self._writes += 1
+            rest = todo[done + 1:]
+            unwritten += [key for key, _, who in rest if who in failed]
+            todo = [item for item in rest if item[2] not in failed]
+        return unwritten
+
+    def _drop_queued_frontends(self, frontends: Iterable[desired.Frontend]) -> None:
+        """Forgets frontends the batch would have added: they were never written."""
+        for fe in frontends:
+            fam = fe.address.version
+            self._tables[fam].frontends.cancel(fe)
+            old = self.programmed.frontends.pop(fe)
+            self._unreference(fam, old.set_id)
+            self._egress_users -= _needs_egress(old)
+            self._fe_count[fam] -= 1
+            self._writes -= 1
+
     # --- affinity members ---------------------------------------------------------------------
 
     def _ensure_members(self, fam: int, svc_id: int, backends: tuple[desired.Backend, ...]) -> None:
@@ -590,10 +696,13 @@ class Reconciler:
         if self._member_count[fam] + len(missing) > table.max_entries:
             raise errors.MapFull(table.name, table.max_entries)
         for key in missing:
-            table.put(key, True)
+            if self._batch is not None and self._owner is not None:
+                self._batch.members[key] = self._owner  # written by `_flush`, counted there
+            else:
+                table.put(key, True)
+                self._writes += 1
             self.programmed.members.add(key)
             self._member_count[fam] += 1
-            self._writes += 1
 
     def _delete_stale_members_of(self, previous: Mapping[desired.ServicePortName, desired.ServicePortState], *,
                                  changed: Mapping[desired.ServicePortName, desired.ServicePortState],
@@ -632,6 +741,37 @@ class Reconciler:
 
 def _network_order(network: desired.SourceRange) -> tuple[int, int, int]:
     return (network.version, int(network.network_address), network.prefixlen)
+
+
+@dataclass(slots=True)
+class _Batch:
+    """The writes of a pass from empty maps, held until `Reconciler._flush` (kept per owning
+    service port, so a write the kernel refuses fails that service port alone).
+
+    Why writing them at the end, in batches, is as safe as writing each at once:
+    - Every frontend is new (the maps held none), so no reader has a frontend that a write here
+      could change under it, and a backend range taken here is free: no frontend points at it.
+    - `_flush` writes all backend slots and members first, and the frontends only then: when a
+      frontend turns visible (KernelFrontendTable.flush), its whole set is in the map. That is
+      make-before-break for the pass as a whole instead of set by set.
+    - A write the kernel refuses (a full map: only the members' hash can be, or an outside writer
+      filled one) fails its service port before any of its frontends is written: they are
+      dropped, and its sets, now unreferenced, are cleared at the end of the pass.
+    - A set collected before the flush (its frontends did not fit) is taken out of the batch
+      instead of being written and then zeroed; so a range freed and handed to another set in
+      the same pass is written once, by its new set.
+    """
+
+    sets: dict[tuple[int, int], tuple[int, tuple[desired.Backend, ...], desired.ServicePortName]] = field(
+        default_factory=dict)  # (family, set id) -> first slot, backends, owner
+    members: dict[tables.MemberKey, desired.ServicePortName] = field(default_factory=dict)
+    frontends: dict[desired.ServicePortName, list[desired.Frontend]] = field(default_factory=dict)
+
+
+def _not_programmed(name: desired.ServicePortName, exc: errors.MapFull) -> model.Problem:
+    log.warning("service_port_not_programmed", service_port=str(name), reason=str(exc))
+    return model.Problem(ref=f"Service {name.namespace}/{name.name}",
+                         reason=f"port {name.port or '<unnamed>'}/{name.protocol} ({name.family}) not programmed: {exc}")
 
 
 def _all_backends(sp: desired.ServicePortState) -> set[desired.Backend]:

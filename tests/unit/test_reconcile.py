@@ -441,6 +441,12 @@ class FakeArray:
         self.elems[key.value] = type(leaf).from_buffer_copy(leaf)
         self.journal.append((key.value, before, bytes(leaf)))
 
+    def put_batch(self, keys, leaves, count: int):
+        # As the kernel does it: one ordinary update per element, in order.
+        for i in range(count):
+            self.put(ct.c_uint32(keys[i]), leaves[i])
+        return count, None
+
     def read_all(self):
         out = (self.layout.leaf * self.max_entries)()
         for i, e in enumerate(self.elems):
@@ -580,3 +586,158 @@ def test_mix64_is_the_header_s_hash() -> None:
     assert tables.mix64(0) == 0
     assert tables.mix64(1) == 0xB456BCFC34C2CB2C
     assert tables.scale32(0xFFFFFFFF, 10) == 9 and tables.scale32(0, 10) == 0
+
+
+# --- the first pass from empty maps, batched --------------------------------------------------
+
+
+def random_state(rnd: random.Random, n: int) -> desired.DesiredState:
+    sps = []
+    for i in range(n):
+        frontends = [f"10.96.{i}.{k + 1}" for k in range(rnd.randrange(1, 4))]
+        backends = [f"10.244.{i}.{k + 2}" for k in range(rnd.randrange(0, 5))]
+        sps.append(sp(f"s{i:03d}", frontends, backends, affinity=rnd.choice([None, None, 60]),
+                      drop=not backends and rnd.random() < 0.3))
+    return state(*sps)
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("limits", [{}, {"frontends_max": 40}, {"backends_max": 30}], ids=["roomy", "few-frontends", "few-backends"])
+def test_a_batched_pass_from_empty_leaves_what_one_entry_at_a_time_leaves(seed: int, limits: dict) -> None:
+    want = random_state(random.Random(seed), 30)
+    batched, single = tables.memory_tables(**limits), tables.memory_tables(**limits)
+    out_batched = reconcile.Reconciler(batched).apply(want)
+    out_single = reconcile.Reconciler(single, batch_from_empty=False).apply(want)
+    assert out_batched.problems == out_single.problems
+    # A set whose frontends do not fit is never written in a batch, where one at a time writes
+    # and then clears it.
+    assert out_batched.writes - out_batched.deletes == out_single.writes - out_single.deletes
+    for fam in (4, 6):
+        for part in ("frontends", "backends", "members"):
+            assert getattr(batched[fam], part).data == getattr(single[fam], part).data, f"{part}{fam}"
+        assert not batched[fam].frontends.pending
+
+
+def test_a_batched_pass_from_empty_writes_every_set_and_member_before_any_frontend() -> None:
+    journal: list = []
+    r = reconcile.Reconciler(logging_tables(journal, frontends_max=100, backends_max=100))
+    r.apply(state(sp("a", ["10.96.0.1", "10.96.0.2"], ["10.244.0.2", "10.244.0.3"], affinity=60),
+                  sp("b", ["10.96.0.3"], ["10.244.0.4"]), sp("c", ["10.96.0.4"], [])))
+    kinds = [name[:7] for op, name, *_ in journal if op == "put"]
+    first_frontend = kinds.index("ctlb_fe")
+    assert "ctlb_be" in kinds and "ctlb_me" in kinds
+    assert set(kinds[first_frontend:]) == {"ctlb_fe"}, "a set or member written after a frontend"
+    assert len(kinds) == 3 + 2 + 4  # set slots, members, frontends: each once
+
+
+def test_only_a_first_pass_from_empty_maps_is_batched() -> None:
+    """Later passes, and a first pass over adopted frontends, write at once: their frontend
+    updates must follow their sets one by one (make-before-break per set)."""
+    t = tables.memory_tables()
+    r = reconcile.Reconciler(t)
+    r.apply(state(sp("a", ["10.96.0.1"], ["10.244.0.2"])))
+    assert r._batch is None
+    again = reconcile.Reconciler(t)
+    seen: list = []
+    flush = t[4].frontends.flush
+    t[4].frontends.flush = lambda: (seen.append("flush"), flush())[1]  # type: ignore[method-assign]
+    again.apply(state(sp("a", ["10.96.0.1"], ["10.244.0.3"]), sp("b", ["10.96.0.2"], ["10.244.0.4"])))
+    assert seen == [] and r.view() != again.view()
+
+
+def test_a_member_refused_when_the_batch_is_written_fails_its_service_port_alone() -> None:
+    """Something else filled the members table after the reconciler read it: the write that does
+    not fit fails its service port, whose frontends are then never written and whose set is
+    cleared; the service ports before it stay whole."""
+    t = tables.memory_tables(backends_max=10)
+    r = reconcile.Reconciler(t)
+    for k in range(7):  # three entries left: a's two and one of b's
+        t[4].members.data[tables.MemberKey(900 + k, be(f"192.0.2.{k}"))] = True  # behind its back
+    a = sp("a", ["10.96.0.1"], ["10.244.0.2", "10.244.0.3"], affinity=60)
+    b = sp("b", ["10.96.0.2", "10.96.0.3"], ["10.244.0.4", "10.244.0.5"], affinity=60)
+    c = sp("c", ["10.96.0.4"], ["10.244.0.6", "10.244.0.7"], affinity=60)
+    out = r.apply(state(a, b, c))
+    assert [p.ref for p in out.problems] == ["Service default/b", "Service default/c"]
+    assert set(t[4].frontends.data) == {fe("10.96.0.1")}
+    assert {s.set_id for s in t[4].backends.data.values()} == {t[4].frontends.data[fe("10.96.0.1")].set_id}
+    assert r.view() == reconcile.desired_view(state(a))
+    assert r.failed == {spn("b"), spn("c")}
+    for key in [k for k in t[4].members.data if k.svc_id >= 900]:
+        del t[4].members.data[key]
+    out = r.apply(state(a, b, c))
+    assert out.problems == () and r.view() == reconcile.desired_view(state(a, b, c))
+
+
+def test_frontend_table_batched_inserts_publish_only_complete_slots(layouts) -> None:
+    """put_later then flush, replayed write by write as a reader would see it: every write is one
+    a reader may see torn (as in the test above), every slot is TOMB before any turns USED, and
+    when a frontend turns USED no slot between its home and it is EMPTY."""
+    from ctlb.datapath import maps
+
+    layout = layouts[maps.FRONTENDS[4]]
+    array = FakeArray(maps.FRONTENDS[4], layout, 32)
+    table = tables.KernelFrontendTable(array, 4)
+    for i in range(4):  # a chain with a tombstone in it, from an earlier life
+        table.put(fe(f"10.96.1.{i}"), fev(50 + i))
+    table.delete(fe("10.96.1.1"))
+    start = len(array.journal)
+    states = [e.key.state for e in array.elems]  # as a reader sees the slots before the batch
+    wanted = {fe(f"10.96.0.{i}"): fev(i) for i in range(12)}
+    for frontend, value in wanted.items():
+        table.put_later(frontend, value)
+    assert all(lookup_like_sock_c(table, array.elems, f) is None for f in wanted), "nothing before flush"
+    table.flush()
+    state_at, _ = tables.field_bytes(layout.leaf, "key", "state")
+    assert len(array.journal) - start == 2 * len(wanted), "two writes a frontend"
+    published = False
+    for idx, before, after in array.journal[start:]:
+        old, new = layout.leaf.from_buffer_copy(before), layout.leaf.from_buffer_copy(after)
+        changed = {b for b in range(len(after)) if before[b] != after[b]}
+        if new.key.state == tables.SLOT_USED:
+            published = True
+            assert changed <= {state_at} and old.key.state == tables.SLOT_TOMB
+            frontend = tables._decode_fe_key(new.key, 4)
+            at = table.home(frontend)
+            while at != idx:
+                assert states[at] != tables.SLOT_EMPTY, "a probe would stop before the frontend"
+                at = (at + 1) % table.slots
+        else:
+            assert not published, "a first step after a frontend was published"
+            assert old.key.state != tables.SLOT_USED and new.key.state == tables.SLOT_TOMB
+        states[idx] = new.key.state
+    for frontend, value in wanted.items():
+        assert lookup_like_sock_c(table, array.elems, frontend) == value
+        assert table.get(frontend) == value
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_backend_slots_written_in_a_batch_are_the_bytes_one_slot_at_a_time_writes(layouts, family: int) -> None:
+    from ctlb.datapath import maps
+
+    array = FakeArray(maps.BACKENDS[family], layouts[maps.BACKENDS[family]], 8)
+    table = tables.KernelBackendTable(array, family)
+    base = "fd00:10:244::" if family == 6 else "10.244.0."
+    slots = [(i, tables.BackendSlot(7 + i, be(f"{base}{i + 2}", 8080 + 257 * i))) for i in range(4)]
+    assert table.put_many(slots) == 4
+    batched = [bytes(e) for e in array.elems[:4]]
+    for idx, slot in slots:
+        table.put(idx, slot)
+    assert [bytes(e) for e in array.elems[:4]] == batched
+    assert [table.get(idx) for idx, _ in slots] == [slot for _, slot in slots]
+
+
+@pytest.mark.parametrize("port", [
+    sp("web", ["10.96.0.1"], ["10.244.0.2", "10.244.0.10", "10.244.0.3"]),
+    sp("sticky", ["10.96.0.1", "192.0.2.7"], ["10.244.0.2"], affinity=10800),
+    sp("none", ["10.96.0.1"], []),
+    sp("dropped", ["10.96.0.1"], [], drop=True),
+    sp("v6", ["fd00::1", "fd00::2"], ["fd00:10:244::2", "fd00:10:244::a"]),
+    local_only("split", backends=["10.244.0.2"], external=["10.244.0.2", "10.244.0.3"], affinity=30),
+    local_only("dropping", backends=[], external=["10.244.0.3"]),
+], ids=["plain", "affinity", "refuses", "drops", "ipv6", "two-groups", "two-groups-one-empty"])
+def test_a_service_port_s_digest_is_the_sum_of_its_view_entries_digests(port: desired.ServicePortState) -> None:
+    """The agent keeps the state digest from `service_port_digest`, `ctlb status` computes it
+    from the maps' view entry by entry: the two must agree."""
+    view = reconcile.service_port_view(port)
+    assert reconcile.service_port_digest(port) == sum(reconcile.entry_digest(k, v) for k, v in view.items())
+    assert reconcile.combine(reconcile.service_port_digest(port)) == reconcile.digest(view)

@@ -20,10 +20,11 @@ def nets(*ranges: str) -> tuple[desired.SourceRange, ...]:
 
 
 def lb_port(name: str = "web", *, ranges: tuple[str, ...] = ("203.0.113.0/24",), admit_node: bool = False,
-            backends: tuple[str, ...] = ("10.244.1.2",), lb_ip: str = "198.51.100.7") -> desired.ServicePortState:
+            backends: tuple[str, ...] = ("10.244.1.2",), lb_ip: str = "198.51.100.7",
+            cluster_ip: str = "10.96.0.10") -> desired.ServicePortState:
     return desired.ServicePortState(
         name=spn(name),
-        frontends={fe("10.96.0.10"): CLUSTER_IP, fe(lb_ip): LB},
+        frontends={fe(cluster_ip): CLUSTER_IP, fe(lb_ip): LB},
         backends=tuple(be(b) for b in backends),
         source_ranges=nets(*ranges),
         source_ranges_admit_node=admit_node,
@@ -118,9 +119,9 @@ def test_admitting_the_node_is_a_flag_change_only() -> None:
 
 def test_removed_service_port_leaves_no_ranges() -> None:
     r = reconcile.Reconciler(logging_tables([]))
-    r.apply(state(lb_port("web"), lb_port("api", lb_ip="198.51.100.8", ranges=("192.0.2.0/24",))))
+    r.apply(state(lb_port("web"), lb_port("api", lb_ip="198.51.100.8", cluster_ip="10.96.0.11", ranges=("192.0.2.0/24",))))
 
-    r.apply(state(lb_port("api", lb_ip="198.51.100.8", ranges=("192.0.2.0/24",))))
+    r.apply(state(lb_port("api", lb_ip="198.51.100.8", cluster_ip="10.96.0.11", ranges=("192.0.2.0/24",))))
 
     api = r.programmed.frontends[fe("198.51.100.8")]
     assert ranges_in(r) == {tables.SourceRangeKey(api.svc_id, nets("192.0.2.0/24")[0])}
@@ -129,7 +130,7 @@ def test_removed_service_port_leaves_no_ranges() -> None:
 def test_adoption_keeps_what_is_wanted_and_removes_ranges_of_service_ports_gone_meanwhile() -> None:
     maps_ = logging_tables([])
     first = reconcile.Reconciler(maps_)
-    first.apply(state(lb_port("web"), lb_port("api", lb_ip="198.51.100.8", ranges=("192.0.2.0/24",))))
+    first.apply(state(lb_port("web"), lb_port("api", lb_ip="198.51.100.8", cluster_ip="10.96.0.11", ranges=("192.0.2.0/24",))))
     web_id = first.programmed.frontends[fe("198.51.100.7")].svc_id
 
     journal: list = []

@@ -1,0 +1,138 @@
+"""The agent keeps the cyclic garbage collector off while it starts (the heap only grows, with no
+cycles to find), and gives it back as it found it: after the first sync, after a start-up that
+took too long, and when stopped before its first sync."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import pathlib
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from ctlb import agent, datapath
+from ctlb.datapath import cgroup as cg
+from ctlb.datapath import programs
+from ctlb.sources import store
+
+pytestmark = pytest.mark.kernel
+
+SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
+           "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "ipFamilies": ["IPv4"],
+                    "type": "ClusterIP", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}
+
+
+class NeverSynced:
+    """A source whose first list never completes (an API server that does not answer)."""
+
+    def describe(self) -> str:
+        return "never-synced"
+
+    def refresh(self) -> None:
+        pass
+
+    def synced(self) -> bool:
+        return False
+
+    def wait(self, timeout: float) -> None:
+        time.sleep(min(timeout, 0.05))
+
+    def status(self) -> dict[str, object]:
+        return {"synced": False}
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def collector() -> Iterator[tuple[int, int, int]]:
+    """The collector's settings before the test, put back after it whatever the agent did."""
+    before = gc.get_threshold()
+    enabled = gc.isenabled()
+    gc.set_threshold(700, 10, 10)
+    try:
+        yield gc.get_threshold()
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+        (gc.enable if enabled else gc.disable)()
+
+
+@pytest.fixture
+def run_agent(require_root: None, require_bcc: None) -> Iterator[Callable[..., tuple[agent.Agent, threading.Event]]]:
+    """Starts agents in threads on fresh datapaths (an empty cgroup and pin folder of their own)."""
+    started: list[tuple[threading.Thread, threading.Event, agent.Source, datapath.Datapath, pathlib.Path,
+                        pathlib.Path, tempfile.TemporaryDirectory]] = []
+
+    def run(make_source: Callable[[store.ObjectStore, pathlib.Path], agent.Source]) -> tuple[agent.Agent, threading.Event]:
+        tag = f"ctlb-test-gc-{os.getpid()}-{len(started)}"
+        root, bpffs = cg.cgroup2_mount() / tag, pathlib.Path("/sys/fs/bpf") / tag
+        root.mkdir()
+        run_dir = tempfile.TemporaryDirectory(prefix=f"{tag}-")
+        dp = datapath.Datapath.install(bpffs=bpffs, cgroup=root, sizes=programs.MapSizes(frontends=64, backends=64))
+        objects = store.ObjectStore()
+        source = make_source(objects, pathlib.Path(run_dir.name))
+        config = agent.AgentConfig(manifests=(), node_name="", cgroup=root, bpffs=bpffs,
+                                   run_dir=pathlib.Path(run_dir.name), interval=0.05)
+        the_agent = agent.Agent(config, source=source, objects=objects, dp=dp)
+        stop = threading.Event()
+        thread = threading.Thread(target=the_agent.run, args=(stop,), daemon=True)
+        started.append((thread, stop, source, dp, root, bpffs, run_dir))
+        thread.start()
+        return the_agent, stop
+
+    try:
+        yield run
+    finally:
+        for thread, stop, source, dp, root, bpffs, run_dir in started:
+            stop.set()
+            thread.join(timeout=10)
+            source.close()
+            dp.close()
+            programs.uninstall(bpffs)
+            root.rmdir()
+            run_dir.cleanup()
+
+
+def _manifests(objects: store.ObjectStore, run_dir: pathlib.Path) -> agent.Source:
+    folder = run_dir / "manifests"
+    folder.mkdir()
+    (folder / "web.json").write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": [SERVICE]}))
+    return agent.ManifestSource((folder,), objects=objects, interval=0.05)
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_the_collector_is_back_as_it_was_after_the_first_sync(run_agent, collector) -> None:
+    the_agent, _ = run_agent(_manifests)
+    _wait_for(lambda: the_agent.state.syncs > 0, "the first sync")
+    assert gc.isenabled() and gc.get_threshold() == collector
+    assert gc.get_freeze_count() > 0, "what start-up built is out of the collector's reach"
+
+
+def test_a_start_up_that_takes_too_long_collects_again(run_agent, collector, monkeypatch) -> None:
+    monkeypatch.setattr(agent, "STARTUP_WITHOUT_GC_S", 0.2)
+    the_agent, stop = run_agent(lambda objects, run_dir: NeverSynced())
+    _wait_for(lambda: gc.isenabled(), "the collector on again")
+    assert the_agent.state.syncs == 0
+    stop.set()
+    _wait_for(lambda: gc.get_threshold() == collector, "the thresholds back")
+
+
+def test_an_agent_stopped_before_its_first_sync_gives_the_collector_back(run_agent, collector) -> None:
+    the_agent, stop = run_agent(lambda objects, run_dir: NeverSynced())
+    _wait_for(lambda: not gc.isenabled(), "the start-up without collector")
+    stop.set()
+    _wait_for(lambda: gc.isenabled() and gc.get_threshold() == collector, "the collector back")
+    assert the_agent.state.syncs == 0
