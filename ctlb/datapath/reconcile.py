@@ -196,13 +196,18 @@ def desired_view(state: desired.DesiredState) -> dict[str, object]:
     return dict(sorted(view.items()))
 
 
+def _group_entry(sp: desired.ServicePortState, group: desired.FrontendGroup) -> dict[str, object]:
+    """The view entry every frontend of `group` has."""
+    return _view_entry(group.backends, sp.affinity_timeout, drop=group.drop,
+                       sources=sp.source_ranges if group.restricted else None,
+                       admit_node=group.restricted and sp.source_ranges_admit_node)
+
+
 def service_port_view(sp: desired.ServicePortState) -> dict[str, object]:
     """The view entries of one service port's frontends."""
     view: dict[str, object] = {}
     for group in sp.frontend_groups():
-        value = _view_entry(group.backends, sp.affinity_timeout, drop=group.drop,
-                            sources=sp.source_ranges if group.restricted else None,
-                            admit_node=group.restricted and sp.source_ranges_admit_node)
+        value = _group_entry(sp, group)
         view.update((str(fe), value) for fe in group.frontends)
     return view
 
@@ -217,7 +222,7 @@ def service_port_digest(sp: desired.ServicePortState) -> int:
     value "]"), and no view built: at 10k Services this is most of a first sync's bookkeeping."""
     total = 0
     for group in sp.frontend_groups():
-        value = json.dumps(_view_entry(group.backends, sp.affinity_timeout, drop=group.drop), sort_keys=True)
+        value = json.dumps(_group_entry(sp, group), sort_keys=True)
         for fe in group.frontends:
             total += _text_digest(f"[{json.dumps(str(fe))}, {value}]")
     return total

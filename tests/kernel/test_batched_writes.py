@@ -124,7 +124,7 @@ def test_a_batched_pass_from_empty_reads_back_as_the_desired_state(make_datapath
     dp = make_datapath()
     reconcile.Reconciler(dp.tables()).apply(want)
     found = reconcile.read_programmed(dp.tables())
-    assert reconcile.datapath_view(found.frontends, found.sets) == reconcile.desired_view(want)
+    assert reconcile.datapath_view(found.frontends, found.sets, found.source_ranges) == reconcile.desired_view(want)
     assert sum(found.slots.values()) == sum(len(b) for b in found.sets.values()), "no stray backend slot"
 
 
@@ -152,7 +152,7 @@ def test_a_batched_pass_that_does_not_fit_reports_each_service_port_left_out_and
     assert all("full" in p.reason for p in out.problems)
     found = reconcile.read_programmed(dp.tables())
     fitted = plan(*(service_port(i) for i in range(6)))
-    assert reconcile.datapath_view(found.frontends, found.sets) == reconcile.desired_view(fitted)
+    assert reconcile.datapath_view(found.frontends, found.sets, found.source_ranges) == reconcile.desired_view(fitted)
     assert sum(found.slots.values()) == 24
 
 
@@ -175,7 +175,7 @@ def test_a_member_the_kernel_refuses_in_a_batch_fails_its_service_port_alone_and
     assert all("full" in p.reason for p in out.problems)
     found = reconcile.read_programmed(dp.tables())
     fitted = plan(*(service_port(i, backends=2, affinity=60) for i in range(2)))
-    assert reconcile.datapath_view(found.frontends, found.sets) == reconcile.desired_view(fitted)
+    assert reconcile.datapath_view(found.frontends, found.sets, found.source_ranges) == reconcile.desired_view(fitted)
     assert sum(found.slots.values()) == 4, "the sets of the service ports left out are cleared"
     assert r.view() == reconcile.desired_view(fitted), "the reconciler's shadow says the same"
     assert len(members(dp)) == 16
@@ -185,7 +185,7 @@ def test_a_member_the_kernel_refuses_in_a_batch_fails_its_service_port_alone_and
     out = r.apply(want)
     assert out.problems == ()
     found = reconcile.read_programmed(dp.tables())
-    assert reconcile.datapath_view(found.frontends, found.sets) == reconcile.desired_view(want)
+    assert reconcile.datapath_view(found.frontends, found.sets, found.source_ranges) == reconcile.desired_view(want)
 
 
 def test_a_batch_the_kernel_stops_part_way_leaves_the_entries_after_it_untouched(make_datapath) -> None:

@@ -180,3 +180,12 @@ def test_ipv6_ranges_go_to_the_ipv6_map() -> None:
     svc_id = r.programmed.frontends[fe("2001:db8:1::7")].svc_id
     assert ranges_in(r, 6) == {tables.SourceRangeKey(svc_id, nets("2001:db8:ff::/48")[0])}
     assert ranges_in(r, 4) == set()
+
+
+def test_the_agent_s_digest_of_a_gated_service_port_covers_its_ranges() -> None:
+    """`ctlb status` compares the digest the agent keeps with one of the maps' view: both must
+    see the ranges, or a gated Service would read as out of sync."""
+    port = lb_port(ranges=("203.0.113.0/24",), admit_node=True)
+    view = reconcile.service_port_view(port)
+    assert reconcile.service_port_digest(port) == sum(reconcile.entry_digest(k, v) for k, v in view.items())
+    assert reconcile.service_port_digest(port) != reconcile.service_port_digest(lb_port(ranges=("192.0.2.0/24",)))
