@@ -427,13 +427,17 @@ class Reconciler:
                     self._delete_frontend(fe)
 
     def _delete_frontend(self, fe: desired.Frontend) -> None:
+        self._tables[fe.address.version].frontends.delete(fe)
+        self._forget_frontend(fe)
+        self._deletes += 1
+
+    def _forget_frontend(self, fe: desired.Frontend) -> None:
+        """Takes a frontend out of the shadow and of what it counted towards."""
         fam = fe.address.version
-        self._tables[fam].frontends.delete(fe)
         old = self.programmed.frontends.pop(fe)
         self._unreference(fam, old.set_id)
         self._egress_users -= _needs_egress(old)
         self._fe_count[fam] -= 1
-        self._deletes += 1
 
     def _unreference(self, fam: int, set_id: int) -> None:
         self._set_refs[(fam, set_id)] -= 1
@@ -684,12 +688,8 @@ class Reconciler:
     def _drop_queued_frontends(self, frontends: Iterable[desired.Frontend]) -> None:
         """Forgets frontends the batch would have added: they were never written."""
         for fe in frontends:
-            fam = fe.address.version
-            self._tables[fam].frontends.cancel(fe)
-            old = self.programmed.frontends.pop(fe)
-            self._unreference(fam, old.set_id)
-            self._egress_users -= _needs_egress(old)
-            self._fe_count[fam] -= 1
+            self._tables[fe.address.version].frontends.cancel(fe)
+            self._forget_frontend(fe)
             self._writes -= 1
 
     # --- affinity members ---------------------------------------------------------------------
