@@ -118,8 +118,8 @@ class Planner:
 
     def _recompute(self, key: _ServiceKey, objects: store.ObjectStore, *, node: model.Node,
                    contested: set[desired.Frontend]) -> set[desired.ServicePortName]:
-        """Recomputes one Service; returns its old and new service-port names, and adds every
-        frontend it claimed or claims to `contested`."""
+        """Recomputes one Service; returns its old and new service-port names, and adds to
+        `contested` every frontend it claimed or claims that another Service claims too."""
         service = objects.get(("Service", *key))
         new: list[desired.ServicePortState] = []
         if isinstance(service, model.Service) and semantics.is_proxied(service):
@@ -135,10 +135,10 @@ class Planner:
         self._claim(key, new)
         for state in old:
             del self._raw_by_name[state.name]
-            contested.update(state.frontends)
+            self._note_contested(key, state.frontends, contested)
         for state in new:
             self._raw_by_name[state.name] = state
-            contested.update(state.frontends)
+            self._note_contested(key, state.frontends, contested)
         if new:
             self._raw[key] = new
         else:
@@ -158,6 +158,17 @@ class Planner:
         self.health_checks_version += 1
 
     # --- frontend claims --------------------------------------------------------------------
+
+    def _note_contested(self, key: _ServiceKey, frontends: Iterable[desired.Frontend],
+                        contested: set[desired.Frontend]) -> None:
+        """Adds the frontends claimed (now) more than once, or by another Service: only their
+        claimants' ownership can move with this Service. The rest (nearly all) would only
+        touch this Service's own service ports, which the caller touches anyway."""
+        claims = self._claims
+        for frontend in frontends:
+            held = claims.get(frontend)
+            if held and (len(held) > 1 or held[0][0][:2] != key):
+                contested.add(frontend)
 
     def _claim(self, key: _ServiceKey, states: list[desired.ServicePortState]) -> None:
         for index, state in enumerate(states):
@@ -194,6 +205,11 @@ class Planner:
         return True
 
     def _owned(self, raw: desired.ServicePortState) -> tuple[desired.ServicePortState | None, list[model.Problem]]:
+        claims, name = self._claims, raw.name
+        # The common case first, cheaply: it owns every frontend it claims (its claims hold this
+        # very name object, so identity settles most comparisons).
+        if all((owner := claims[frontend][0][1]) is name or owner == name for frontend in raw.frontends):
+            return raw, []
         owned: dict[desired.Frontend, desired.FrontendKind] = {}
         problems: list[model.Problem] = []
         for frontend, kind in raw.frontends.items():

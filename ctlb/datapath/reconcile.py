@@ -776,7 +776,8 @@ class _Batch:
 def _not_programmed(name: desired.ServicePortName, exc: errors.MapFull) -> model.Problem:
     log.warning("service_port_not_programmed", service_port=str(name), reason=str(exc))
     return model.Problem(ref=f"Service {name.namespace}/{name.name}",
-                         reason=f"port {name.port or '<unnamed>'}/{name.protocol} ({name.family}) not programmed: {exc}")
+                         reason=f"port {name.port or '<unnamed>'}/{name.protocol} ({name.family}) "
+                                f"not programmed: {exc}")
 
 
 def _all_backends(sp: desired.ServicePortState) -> set[desired.Backend]:

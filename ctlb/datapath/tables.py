@@ -630,7 +630,8 @@ def _backend_packer(leaf: type) -> struct.Struct:
     """A packer of (address bytes, port bytes, set id) into a backend slot, at the offsets and
     sizes bcc's type gives those fields (a layout the header defines; any other byte is zero).
     Addresses and ports go in as network-order bytes, which is what the __be fields hold."""
-    fields = sorted((*field_bytes(leaf, name), code) for name, code in (("addr", "s"), ("port", "s"), ("set_id", "I")))
+    fields = sorted((*field_bytes(leaf, name), code)
+                    for name, code in (("addr", "s"), ("port", "s"), ("set_id", "I")))
     fmt, at = "=", 0
     for offset, size, code in fields:
         fmt += f"{offset - at}x" if offset > at else ""

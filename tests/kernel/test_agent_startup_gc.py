@@ -69,7 +69,8 @@ def run_agent(require_root: None, require_bcc: None) -> Iterator[Callable[..., t
     started: list[tuple[threading.Thread, threading.Event, agent.Source, datapath.Datapath, pathlib.Path,
                         pathlib.Path, tempfile.TemporaryDirectory]] = []
 
-    def run(make_source: Callable[[store.ObjectStore, pathlib.Path], agent.Source]) -> tuple[agent.Agent, threading.Event]:
+    def run(make_source: Callable[[store.ObjectStore, pathlib.Path], agent.Source]
+            ) -> tuple[agent.Agent, threading.Event]:
         tag = f"ctlb-test-gc-{os.getpid()}-{len(started)}"
         root, bpffs = cg.cgroup2_mount() / tag, pathlib.Path("/sys/fs/bpf") / tag
         root.mkdir()

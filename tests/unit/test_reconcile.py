@@ -602,7 +602,8 @@ def random_state(rnd: random.Random, n: int) -> desired.DesiredState:
 
 
 @pytest.mark.parametrize("seed", range(10))
-@pytest.mark.parametrize("limits", [{}, {"frontends_max": 40}, {"backends_max": 30}], ids=["roomy", "few-frontends", "few-backends"])
+@pytest.mark.parametrize("limits", [{}, {"frontends_max": 40}, {"backends_max": 30}],
+                         ids=["roomy", "few-frontends", "few-backends"])
 def test_a_batched_pass_from_empty_leaves_what_one_entry_at_a_time_leaves(seed: int, limits: dict) -> None:
     want = random_state(random.Random(seed), 30)
     batched, single = tables.memory_tables(**limits), tables.memory_tables(**limits)
