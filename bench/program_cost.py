@@ -4,6 +4,7 @@
     sudo .venv/bin/python -m bench.program_cost --services 1000 --rounds 3 --json out.json
     sudo .venv/bin/python -m bench.program_cost --drop --egress-ab --phases rr,udp,iperf,blast
     sudo .venv/bin/python -m bench.program_cost --services 1000 --mesh --gate --phases crr,crr-lb,direct
+    sudo .venv/bin/python -m bench.program_cost --services 1000 --trace --phases crr,udp,peer
 
 A lab node with four backend pods and one client pod; the datapath (the real `Datapath`, its
 programs attached to the client pod's cgroup) is given N Services of B backends each, every one
@@ -40,6 +41,10 @@ the client's rate with it over the rate without: its effect on established traff
 packets: the kernel's run-time accounting costs every program ~50 ns a call on this VM, so the
 egress program's own cost is the difference.
 
+With --trace, every phase is run a second time (as `<phase>+trace`) while `ctlb socket-trace
+--json` reads the decisions (its output thrown away), on the servers' CPU: the programs' cost with
+tracing on. The decisions socket-trace could not keep up with are reported as lost.
+
 Per program and phase it prints the median ns/call over the rounds with the min-max range.
 Correctness is checked on the way (getpeername() returns the Service address, UDP replies come
 from it) and reported; nothing is judged on time. The VM this runs on is noisy: compare runs made
@@ -49,16 +54,21 @@ back to back, several rounds each.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import ipaddress
 import json
 import os
 import pathlib
+import re
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import structlog
@@ -291,8 +301,39 @@ def getpeername_loop(place: ctlb_lab.Place, *, host: str, port: int, seconds: fl
     return json.loads(run.stdout)
 
 
+TRACED = "+trace"
+
+
+@contextlib.contextmanager
+def tracing(bpffs: pathlib.Path) -> Iterator[dict[str, Any]]:
+    """`ctlb socket-trace` reading every decision while the block runs, on the servers' CPU, its
+    output thrown away; the dict gets `lost`: the decisions it could not keep up with."""
+    found: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as run_dir:
+        proc = subprocess.Popen(["taskset", "-c", str(SERVER_CPU), sys.executable, "-m", "ctlb.cli.main",
+                                 "socket-trace", "--json", "--bpffs", str(bpffs), "--run-dir", run_dir],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        started = proc.stderr.readline()
+        if not started.startswith("tracing"):
+            proc.kill()
+            raise RuntimeError(f"socket-trace did not start: {started}{proc.stderr.read()}")
+        try:
+            yield found
+        finally:
+            proc.send_signal(signal.SIGINT)
+            rest = proc.communicate(timeout=30)[1]
+            lost = re.search(r"(\d+) decisions were not reported", rest)
+            found["lost"] = int(lost[1]) if lost else 0
+
+
 def measure(rig: Rig, phase: str, seconds: float) -> dict[str, Any]:
     """Runs one phase; returns per-program calls and ns/call, and the client's view."""
+    if phase.endswith(TRACED):
+        with tracing(rig.bpffs) as traced:
+            out = measure(rig, phase.removesuffix(TRACED), seconds)
+        out["client"]["trace_lost"] = traced["lost"]
+        return out
     be = str(rig.addr(rig.backends[0]))
     node = str(rig.addr(rig.lab.node))
     before = _prog_stats(rig.bpffs, rig.extra_programs)
@@ -341,7 +382,7 @@ AB_PHASES = {"rr": "transactions/s", "udp": "transactions/s", "iperf": "Gbit/s",
 
 def focus(phase: str, *, ipv6: bool) -> list[str]:
     """The programs a phase measures; the egress program runs in every phase (every packet)."""
-    return [h.replace("4", "6") if ipv6 else h for h in FOCUS[phase]] + [EGRESS, FLOOR]
+    return [h.replace("4", "6") if ipv6 else h for h in FOCUS[phase.removesuffix(TRACED)]] + [EGRESS, FLOOR]
 
 
 def egress_ab(rig: Rig, phases: list[str], seconds: float, *, first_attached: bool) -> dict[str, Any]:
@@ -380,7 +421,7 @@ def render_ab(rows: list[dict[str, Any]]) -> str:
 
 def summarize(rounds: list[dict[str, Any]], *, ipv6: bool = False) -> list[dict[str, Any]]:
     rows = []
-    for phase in FOCUS:
+    for phase in dict.fromkeys(phase for r in rounds for phase in r):  # in the order they ran
         samples = [r[phase] for r in rounds if phase in r]
         if not samples:
             continue
@@ -389,17 +430,20 @@ def summarize(rounds: list[dict[str, Any]], *, ipv6: bool = False) -> list[dict[
             calls = [s["programs"][hook]["calls"] for s in samples if hook in s["programs"]]
             if not values:
                 continue
+            lost = [s["client"]["trace_lost"] for s in samples if "trace_lost" in s["client"]]
             rows.append({"phase": phase, "program": hook, "median_ns": statistics.median(values),
                          "min_ns": min(values), "max_ns": max(values), "rounds": len(values),
-                         "calls_per_round": int(statistics.median(calls))})
+                         "calls_per_round": int(statistics.median(calls)),
+                         "trace_lost_per_round": int(statistics.median(lost)) if lost else None})
     return rows
 
 
 def render(rows: list[dict[str, Any]]) -> str:
-    out = [f"{'phase':<9} {'program':<9} {'median ns':>10} {'range ns':>16} {'calls/round':>12}"]
+    out = [f"{'phase':<11} {'program':<9} {'median ns':>10} {'range ns':>16} {'calls/round':>12} {'trace lost':>11}"]
     for r in rows:
-        out.append(f"{r['phase']:<9} {r['program']:<9} {r['median_ns']:>10.0f} "
-                   f"{r['min_ns']:>7.0f} - {r['max_ns']:<6.0f} {r['calls_per_round']:>12}")
+        lost = "" if r["trace_lost_per_round"] is None else str(r["trace_lost_per_round"])
+        out.append(f"{r['phase']:<11} {r['program']:<9} {r['median_ns']:>10.0f} "
+                   f"{r['min_ns']:>7.0f} - {r['max_ns']:<6.0f} {r['calls_per_round']:>12} {lost:>11}")
     return "\n".join(out)
 
 
@@ -421,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --drop: rr, udp and iperf with the egress program attached and detached")
     ap.add_argument("--floor", action="store_true",
                     help="with --drop: an empty egress program beside it, for the accounting floor")
+    ap.add_argument("--trace", action="store_true",
+                    help="each phase also runs while socket-trace reads the decisions (<phase>+trace)")
     ap.add_argument("--phases", default="crr,direct,udp,peer,peer-dir",
                     help="comma-separated, from: " + ", ".join(FOCUS))
     ap.add_argument("--label", default="", help="recorded in the JSON output")
@@ -436,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         phases += [p for p in ("crr-np", "peer-np") if p not in phases]
     if args.gate and "crr-lb" not in phases:
         phases.append("crr-lb")
+    if args.trace:
+        phases += [p + TRACED for p in phases if p in FOCUS and FOCUS[p]]
     loadgen.build()
     ctlb_lab.sweep()
     stats_fd: int | None = libbpf.enable_stats()

@@ -103,11 +103,19 @@ def _control_table(size: dict[str, Any]) -> str:
 
 def _bpf_table(size: dict[str, Any]) -> str:
     cost = size.get("bpf_cost", {})
-    rows = ["| socket program | calls | ns per call (tracing off) | tracing on |", "|---|---|---|---|"]
+    rows = ["| socket program | calls | ns per call (tracing off) | tracing on (socket-trace reading) |",
+            "|---|---|---|---|"]
+    lost = 0
     for hook, c in sorted(cost.items()):
-        ns = f"{c['ns_per_call']:.0f}" if c["ns_per_call"] is not None else "–"
-        rows.append(f"| {hook} | {c['calls']} | {ns} | not built yet |")
+        lost = max(lost, c.get("trace_lost") or 0)
+        rows.append(f"| {hook} | {c['calls']} | {_ns(c['ns_per_call'])} | {_ns(c.get('ns_per_call_traced'))} |")
+    if cost:
+        rows.append(f"\nDecisions socket-trace could not keep up with while traced: {lost}.")
     return "\n".join(rows)
+
+
+def _ns(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"
 
 
 def _memory_line(size: dict[str, Any]) -> str:

@@ -145,8 +145,17 @@ def change_latency(node: topology.BenchNode, mode: Mode, n: int) -> Sample:
 
 def bpf_program_cost(node: topology.BenchNode, n: int, *, seconds: float) -> Sample:
     """Metric 6: ns per call of each socket program, from the kernel's own accounting, while the
-    ctlb client makes connections, sends unconnected UDP and calls getpeername() (tracing is not
-    built yet: the 'on' column stays empty). `bench.program_cost` takes the programs apart."""
+    ctlb client makes connections, sends unconnected UDP and calls getpeername(): once with tracing
+    off, once while `ctlb socket-trace` reads every decision. `bench.program_cost` takes the
+    programs apart."""
+    off = _workload_cost(node, seconds=seconds)
+    with program_cost.tracing(node.bpffs) as traced:
+        on = _workload_cost(node, seconds=seconds)
+    return {hook: {**cost, "ns_per_call_traced": on.get(hook, {}).get("ns_per_call"),
+                   "trace_lost": traced["lost"]} for hook, cost in off.items()}
+
+
+def _workload_cost(node: topology.BenchNode, *, seconds: float) -> dict[str, dict[str, float | None]]:
     stats_fd = libbpf.enable_stats()
     try:
         before = _prog_stats(node)
@@ -159,7 +168,7 @@ def bpf_program_cost(node: topology.BenchNode, n: int, *, seconds: float) -> Sam
         after = _prog_stats(node)
     finally:
         os.close(stats_fd)
-    cost = {}
+    cost: dict[str, dict[str, float | None]] = {}
     for hook, (ns, cnt) in after.items():
         d_ns, d_cnt = ns - before[hook][0], cnt - before[hook][1]
         cost[hook] = {"calls": d_cnt, "ns_per_call": d_ns / d_cnt if d_cnt else None}

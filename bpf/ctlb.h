@@ -421,6 +421,70 @@ struct mesh_orig6 {
 	__u16 pad;
 };
 
+/* --- socket-trace ----------------------------------------------------------------------
+ *
+ * While `ctlb socket-trace` listens (ctlb_trace_ctl.enabled), every decision the socket programs
+ * take about a Service address or a meshed pod's connection is sent to user space through the
+ * ring buffer ctlb_trace. Nothing is sent for addresses that are not frontends. */
+
+/* The hook that decided (struct trace_event.hook). */
+enum trace_hook {
+	TRACE_CONNECT4 = 1,
+	TRACE_SENDMSG4 = 2,
+	TRACE_RECVMSG4 = 3,
+	TRACE_GETPEER4 = 4,
+	TRACE_CONNECT6 = 5,
+	TRACE_SENDMSG6 = 6,
+	TRACE_RECVMSG6 = 7,
+	TRACE_GETPEER6 = 8,
+};
+
+/* What was decided, and why (struct trace_event.verdict). */
+enum trace_verdict {
+	TRACE_V_BALANCED = 1,       /* a backend of the set, picked from the socket's hash */
+	TRACE_V_AFFINITY = 2,       /* the client's backend under sessionAffinity ClientIP */
+	TRACE_V_STICKY = 3,         /* an unconnected send: the backend this socket sent to before */
+	TRACE_V_REFUSED = 4,        /* no backends: ECONNREFUSED */
+	TRACE_V_NO_LOCAL_DROP = 5,  /* no backends, and the frontend drops (LB_F_DROP): sent to the drop address */
+	TRACE_V_SOURCE_DENIED = 6,  /* outside loadBalancerSourceRanges: sent to the drop address */
+	TRACE_V_MESH = 7,           /* a meshed pod's connection: sent to its sidecar */
+	TRACE_V_REVERSE = 8,        /* recvmsg/getpeername: a backend's address shown as the frontend's */
+	TRACE_V_STALE_SET = 9,      /* the backend set changed while read: EHOSTUNREACH */
+};
+
+/* One decision. Addresses are in network order; an IPv4 address (family CTLB_AF_INET, also
+ * for an IPv4-mapped destination on an IPv6 socket) is in word 0. `from` is what the socket
+ * asked for (for TRACE_V_REVERSE: the backend it talks to), `to` what it got (zero when
+ * refused). */
+struct trace_event {
+	__u64 ktime_ns;     /* CLOCK_MONOTONIC */
+	__u64 cookie;       /* socket cookie */
+	__u64 cgroup_id;    /* the calling task's cgroup */
+	__u32 tgid;         /* the calling process */
+	__u32 pod_id;       /* struct pod_info.pod_id of the task's pod; 0: not a pod ctlb knows */
+	__u32 svc_id;       /* the frontend's service port; 0: none looked up (mesh, reverse) */
+	__u8 hook;          /* enum trace_hook */
+	__u8 verdict;       /* enum trace_verdict */
+	__u8 proto;         /* IPPROTO_TCP, IPPROTO_UDP */
+	__u8 family;        /* CTLB_AF_INET or CTLB_AF_INET6: of the addresses below */
+	__be32 from_addr[4];
+	__be32 to_addr[4];
+	__be16 from_port;
+	__be16 to_port;
+	__u32 pad;
+	char comm[16];      /* the calling thread's name */
+};
+
+/* Written by `ctlb socket-trace` (one entry). */
+struct trace_ctl {
+	__u32 enabled;   /* non-zero: send events */
+	__u32 owner_pid; /* the socket-trace process; the agent turns tracing off when it is gone */
+	__u64 lost;      /* events the ring buffer had no room for */
+};
+
+/* Bytes of the ring buffer: ~8000 events. */
+#define CTLB_TRACE_BYTES (1 << 20)
+
 #ifdef CTLB_LAYOUT_ONLY
 #define CTLB_MAP(_type, _key, _leaf, _name, _max, _flags) \
 	BPF_F_TABLE(_type, _key, _leaf, _name, 1, _flags)
@@ -453,5 +517,24 @@ CTLB_MAP("lpm_trie", struct mesh_range6_key, __u8, ctlb_mesh_range6, CTLB_MESH_R
 CTLB_MAP("hash", struct mesh_port_key, __u8, ctlb_mesh_ports, CTLB_MESH_RULES_MAX, 0);
 CTLB_MAP("lru_hash", struct mesh_conn4_key, struct mesh_orig4, ctlb_mesh_conn4, CTLB_MESH_CONNS_MAX, 0);
 CTLB_MAP("lru_hash", struct mesh_conn6_key, struct mesh_orig6, ctlb_mesh_conn6, CTLB_MESH_CONNS_MAX, 0);
+
+CTLB_MAP("array", __u32, struct trace_ctl, ctlb_trace_ctl, 1, 0);
+
+#ifdef CTLB_LAYOUT_ONLY
+/* bcc makes ctypes types for map keys and values only: the event's type reaches Python as the
+ * value of a map that exists in the layout compile alone. */
+CTLB_MAP("array", __u32, struct trace_event, ctlb_trace_event, 1, 0);
+#else
+/* bcc's BPF_RINGBUF_OUTPUT, pinned: socket-trace opens it by path. */
+struct ctlb_trace_table_t {
+	int key;
+	__u32 leaf;
+	void *(*ringbuf_reserve)(__u64);
+	void (*ringbuf_submit)(void *, __u64);
+	__u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" CTLB_PIN_DIR "/ctlb_trace")))
+struct ctlb_trace_table_t ctlb_trace = { .max_entries = CTLB_TRACE_BYTES };
+#endif /* CTLB_LAYOUT_ONLY */
 
 #endif /* CTLB_H */

@@ -286,6 +286,18 @@ static __always_inline bool current_meshed_pod(struct pod_info *out)
 	return current_pod(settings, out) && (out->flags & POD_F_MESH);
 }
 
+/* The client of a connection, for loadBalancerSourceRanges and socket-trace: the pod of the
+ * connecting task, as its cgroup tells (ctlb_pods), with the pod's address; or the node itself, for the node's own
+ * processes, host-network pods, and pods whose cgroup or address ctlb does not know yet. */
+static __always_inline bool source_pod(struct pod_info *out)
+{
+	const struct ctlb_settings *settings = ctlb_settings_get();
+
+	if (!settings || settings->pod_levels == 0)
+		return false;
+	return current_pod(settings, out);
+}
+
 /* Whether the task is the sidecar itself, whose connections are never captured. */
 static __always_inline bool mesh_is_sidecar(const struct pod_info *pod)
 {
@@ -363,6 +375,90 @@ static __always_inline bool mesh6_captures(const struct pod_info *pod, const __b
 
 /* --- IPv4 ------------------------------------------------------------------------------- */
 
+/* --- socket-trace ---------------------------------------------------------------------- */
+
+/* Why a frontend translated as it did; filled on the way, sent only while tracing. */
+struct lb_why {
+	__u32 svc_id;
+	__u32 verdict; /* enum trace_verdict */
+};
+
+/* Whether `ctlb socket-trace` listens: one ARRAY lookup (inlined), all a decision pays while
+ * tracing is off. */
+static __always_inline bool trace_on(void)
+{
+	__u32 zero = 0;
+	struct trace_ctl *ctl = ctlb_trace_ctl.lookup(&zero);
+
+	return ctl && READ_U32(&ctl->enabled);
+}
+
+/* A ring buffer slot with who decided filled in, or NULL when the buffer is full (counted). */
+static __always_inline struct trace_event *trace_begin(void *ctx, __u8 hook, __u8 proto,
+						       const struct lb_why *why)
+{
+	struct trace_event *ev = ctlb_trace.ringbuf_reserve(sizeof(struct trace_event));
+	struct pod_info pod = {};
+
+	if (!ev) {
+		__u32 zero = 0;
+		struct trace_ctl *ctl = ctlb_trace_ctl.lookup(&zero);
+
+		if (ctl)
+			__sync_fetch_and_add(&ctl->lost, 1);
+		return NULL;
+	}
+	/* Ring buffer memory is not zeroed: every byte is written, none leaks. */
+	__builtin_memset(ev, 0, sizeof(*ev));
+	ev->ktime_ns = bpf_ktime_get_ns();
+	ev->cookie = bpf_get_socket_cookie(ctx);
+	ev->cgroup_id = bpf_get_current_cgroup_id();
+	ev->tgid = bpf_get_current_pid_tgid() >> 32;
+	ev->pod_id = source_pod(&pod) ? pod.pod_id : 0;
+	ev->svc_id = why->svc_id;
+	ev->hook = hook;
+	ev->verdict = why->verdict;
+	ev->proto = proto;
+	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+	return ev;
+}
+
+static __always_inline void trace4(void *ctx, __u8 hook, __u8 proto, const struct lb_why *why,
+				   __be32 from, __be16 from_port, __be32 to, __be16 to_port)
+{
+	struct trace_event *ev;
+
+	if (!trace_on())
+		return;
+	ev = trace_begin(ctx, hook, proto, why);
+	if (!ev)
+		return;
+	ev->family = CTLB_AF_INET;
+	ev->from_addr[0] = from;
+	ev->from_port = from_port;
+	ev->to_addr[0] = to;
+	ev->to_port = to_port;
+	ctlb_trace.ringbuf_submit(ev, 0);
+}
+
+static __always_inline void trace6(void *ctx, __u8 hook, __u8 proto, const struct lb_why *why,
+				   const __be32 *from, __be16 from_port, const __be32 *to, __be16 to_port)
+{
+	struct trace_event *ev;
+
+	if (!trace_on())
+		return;
+	ev = trace_begin(ctx, hook, proto, why);
+	if (!ev)
+		return;
+	ev->family = CTLB_AF_INET6;
+	copy_ip6(ev->from_addr, from);
+	ev->from_port = from_port;
+	copy_ip6(ev->to_addr, to);
+	ev->to_port = to_port;
+	ctlb_trace.ringbuf_submit(ev, 0);
+}
+
 static __always_inline int lb4_lookup_frontend(__be32 addr, __be16 port, __u8 proto, struct lb_frontend *out)
 {
 	union lb4_key_word want = {};
@@ -426,7 +522,7 @@ static __always_inline bool lb4_affinity_backend(const struct lb_frontend *fe,
 }
 
 static __always_inline int lb4_pick_backend(void *ctx, const struct lb_frontend *fe, __u64 cookie,
-					    struct lb4_backend *out)
+					    struct lb_why *why, struct lb4_backend *out)
 {
 	struct lb_affinity_key akey = {};
 	struct lb4_affinity aff = {};
@@ -438,8 +534,10 @@ static __always_inline int lb4_pick_backend(void *ctx, const struct lb_frontend 
 		akey.client = bpf_get_netns_cookie(ctx);
 		akey.svc_id = fe->svc_id;
 		now = bpf_ktime_get_ns();
-		if (lb4_affinity_backend(fe, &akey, now, out))
+		if (lb4_affinity_backend(fe, &akey, now, out)) {
+			why->verdict = TRACE_V_AFFINITY;
 			return 0;
+		}
 	}
 	slot = pick_slot(fe, cookie);
 	be = ctlb_be4_v2.lookup(&slot);
@@ -562,18 +660,6 @@ static __always_inline void lb4_drop_dest(__be16 port, struct lb4_backend *out)
 	out->port = port;
 }
 
-/* The client of a connection, for loadBalancerSourceRanges: the pod of the connecting task, as
- * its cgroup tells (ctlb_pods), with the pod's address; or the node itself, for the node's own
- * processes, host-network pods, and pods whose cgroup or address ctlb does not know yet. */
-static __always_inline bool source_pod(struct pod_info *out)
-{
-	const struct ctlb_settings *settings = ctlb_settings_get();
-
-	if (!settings || settings->pod_levels == 0)
-		return false;
-	return current_pod(settings, out);
-}
-
 /* Whether the client may reach a frontend with LB_F_SOURCE_RANGES: its address is in one of
  * the service port's ranges. kube-proxy checks the source address of the packet; a socket on
  * this node leaves with its pod's address, or with a node address (LB_F_SOURCE_NODE says
@@ -596,7 +682,7 @@ static __always_inline bool lb4_source_allowed(const struct lb_frontend *fe)
  * the set, or the drop address (LB_F_DROP and no backends; a client outside the frontend's
  * source ranges). */
 static __always_inline int __sock4_xlate_fwd(void *ctx, __be32 daddr, __be16 dport, __u8 proto,
-					     bool connect, struct lb4_backend *out)
+					     bool connect, struct lb4_backend *out, struct lb_why *why)
 {
 	struct lb_frontend fe;
 	struct lb4_sock *sk;
@@ -606,12 +692,17 @@ static __always_inline int __sock4_xlate_fwd(void *ctx, __be32 daddr, __be16 dpo
 
 	if (lb4_lookup_frontend(daddr, dport, proto, &fe))
 		return -ENOENT;
+	why->svc_id = fe.svc_id;
 	drop = fe.count == 0 && (fe.flags & LB_F_DROP);
-	if ((fe.count == 0 && !drop) || fe.count > CTLB_SET_MAX)
+	if ((fe.count == 0 && !drop) || fe.count > CTLB_SET_MAX) {
+		why->verdict = TRACE_V_REFUSED;
 		return -ECONNREFUSED;
+	}
+	why->verdict = TRACE_V_NO_LOCAL_DROP;
 	/* kube-proxy's firewall only guards a Service that has endpoints: without, it refuses. */
 	if (!drop && (fe.flags & LB_F_SOURCE_RANGES))
-		drop = !lb4_source_allowed(&fe);
+		if ((drop = !lb4_source_allowed(&fe)))
+			why->verdict = TRACE_V_SOURCE_DENIED;
 	cookie = bpf_get_socket_cookie(ctx);
 	sk = lb4_sock_slot(cookie);
 	if (!sk)
@@ -619,11 +710,16 @@ static __always_inline int __sock4_xlate_fwd(void *ctx, __be32 daddr, __be16 dpo
 	if (drop) {
 		lb4_drop_dest(dport, out);
 	} else {
-		if (!connect && !(fe.flags & LB_F_AFFINITY) && lb4_sock_sticky(sk, cookie, daddr, dport, &fe, out))
+		if (!connect && !(fe.flags & LB_F_AFFINITY) && lb4_sock_sticky(sk, cookie, daddr, dport, &fe, out)) {
+			why->verdict = TRACE_V_STICKY;
 			return 0;
-		ret = lb4_pick_backend(ctx, &fe, cookie, out);
-		if (ret)
+		}
+		why->verdict = TRACE_V_BALANCED;
+		ret = lb4_pick_backend(ctx, &fe, cookie, why, out);
+		if (ret) {
+			why->verdict = TRACE_V_STALE_SET;
 			return ret;
+		}
 	}
 	lb4_sock_remember(sk, cookie, connect, daddr, dport, &fe, out);
 	return 0;
@@ -678,23 +774,28 @@ static __always_inline int __sock4_xlate_rev(void *ctx, __be32 saddr, __be16 spo
 static __always_inline int sock4_fwd(struct bpf_sock_addr *ctx, bool connect)
 {
 	struct lb4_backend be = {};
+	struct lb_why why = {};
 	__be32 daddr = ctx->user_ip4;
+	__u8 proto = (__u8)ctx->protocol;
 	__be16 dport;
 	int ret;
 
 	barrier();
 	dport = ctx_port(ctx);
-	ret = __sock4_xlate_fwd(ctx, daddr, dport, (__u8)ctx->protocol, connect, &be);
+	ret = __sock4_xlate_fwd(ctx, daddr, dport, proto, connect, &be, &why);
 	if (ret == 0) {
 		ctx->user_ip4 = be.addr;
 		barrier();
 		ctx_set_port(ctx, be.port);
 	}
+	if (ret != -ENOENT)
+		trace4(ctx, connect ? TRACE_CONNECT4 : TRACE_SENDMSG4, proto, &why, daddr, dport, be.addr, be.port);
 	return sock_verdict(ret);
 }
 
-static __always_inline int sock4_rev(struct bpf_sock_addr *ctx)
+static __always_inline int sock4_rev(struct bpf_sock_addr *ctx, __u8 hook)
 {
+	struct lb_why why = { .verdict = TRACE_V_REVERSE };
 	__be32 saddr = ctx->user_ip4;
 	__be32 fe_addr;
 	__be16 sport, fe_port;
@@ -705,6 +806,7 @@ static __always_inline int sock4_rev(struct bpf_sock_addr *ctx)
 		ctx->user_ip4 = fe_addr;
 		barrier();
 		ctx_set_port(ctx, fe_port);
+		trace4(ctx, hook, (__u8)ctx->protocol, &why, saddr, sport, fe_addr, fe_port);
 	}
 	return SYS_PROCEED;
 }
@@ -714,6 +816,7 @@ static __always_inline int sock4_rev(struct bpf_sock_addr *ctx)
  * learns it through SO_ORIGINAL_DST (see ctlb_sockops and ctlb_getsockopt). */
 static __always_inline bool mesh4_redirect(struct bpf_sock_addr *ctx)
 {
+	struct lb_why mesh_why = { .verdict = TRACE_V_MESH };
 	struct lb_frontend none = {};
 	struct lb4_backend proxy = {};
 	struct pod_info pod = {};
@@ -742,6 +845,7 @@ static __always_inline bool mesh4_redirect(struct bpf_sock_addr *ctx)
 	ctx->user_ip4 = proxy.addr;
 	barrier();
 	ctx_set_port(ctx, proxy.port);
+	trace4(ctx, TRACE_CONNECT4, IPPROTO_TCP, &mesh_why, daddr, dport, proxy.addr, proxy.port);
 	return true;
 }
 
@@ -759,12 +863,12 @@ int ctlb_sendmsg4(struct bpf_sock_addr *ctx)
 
 int ctlb_recvmsg4(struct bpf_sock_addr *ctx)
 {
-	return sock4_rev(ctx);
+	return sock4_rev(ctx, TRACE_RECVMSG4);
 }
 
 int ctlb_getpeer4(struct bpf_sock_addr *ctx)
 {
-	return sock4_rev(ctx);
+	return sock4_rev(ctx, TRACE_GETPEER4);
 }
 
 /* --- IPv6 ------------------------------------------------------------------------------- */
@@ -839,7 +943,7 @@ static __always_inline bool lb6_affinity_backend(const struct lb_frontend *fe,
 }
 
 static __always_inline int lb6_pick_backend(void *ctx, const struct lb_frontend *fe, __u64 cookie,
-					    struct lb6_backend *out)
+					    struct lb_why *why, struct lb6_backend *out)
 {
 	struct lb_affinity_key akey = {};
 	struct lb6_affinity aff = {};
@@ -851,8 +955,10 @@ static __always_inline int lb6_pick_backend(void *ctx, const struct lb_frontend 
 		akey.client = bpf_get_netns_cookie(ctx);
 		akey.svc_id = fe->svc_id;
 		now = bpf_ktime_get_ns();
-		if (lb6_affinity_backend(fe, &akey, now, out))
+		if (lb6_affinity_backend(fe, &akey, now, out)) {
+			why->verdict = TRACE_V_AFFINITY;
 			return 0;
+		}
 	}
 	slot = pick_slot(fe, cookie);
 	be = ctlb_be6_v2.lookup(&slot);
@@ -971,7 +1077,7 @@ static __always_inline bool lb6_source_allowed(const struct lb_frontend *fe)
 }
 
 static __always_inline int __sock6_xlate_fwd(void *ctx, const __be32 *daddr, __be16 dport,
-					     __u8 proto, bool connect, struct lb6_backend *out)
+					     __u8 proto, bool connect, struct lb6_backend *out, struct lb_why *why)
 {
 	struct lb_frontend fe;
 	struct lb6_sock *sk;
@@ -981,11 +1087,16 @@ static __always_inline int __sock6_xlate_fwd(void *ctx, const __be32 *daddr, __b
 
 	if (lb6_lookup_frontend(daddr, dport, proto, &fe))
 		return -ENOENT;
+	why->svc_id = fe.svc_id;
 	drop = fe.count == 0 && (fe.flags & LB_F_DROP);
-	if ((fe.count == 0 && !drop) || fe.count > CTLB_SET_MAX)
+	if ((fe.count == 0 && !drop) || fe.count > CTLB_SET_MAX) {
+		why->verdict = TRACE_V_REFUSED;
 		return -ECONNREFUSED;
+	}
+	why->verdict = TRACE_V_NO_LOCAL_DROP;
 	if (!drop && (fe.flags & LB_F_SOURCE_RANGES))
-		drop = !lb6_source_allowed(&fe);
+		if ((drop = !lb6_source_allowed(&fe)))
+			why->verdict = TRACE_V_SOURCE_DENIED;
 	cookie = bpf_get_socket_cookie(ctx);
 	sk = lb6_sock_slot(cookie);
 	if (!sk)
@@ -993,11 +1104,16 @@ static __always_inline int __sock6_xlate_fwd(void *ctx, const __be32 *daddr, __b
 	if (drop) {
 		lb6_drop_dest(dport, out);
 	} else {
-		if (!connect && !(fe.flags & LB_F_AFFINITY) && lb6_sock_sticky(sk, cookie, daddr, dport, &fe, out))
+		if (!connect && !(fe.flags & LB_F_AFFINITY) && lb6_sock_sticky(sk, cookie, daddr, dport, &fe, out)) {
+			why->verdict = TRACE_V_STICKY;
 			return 0;
-		ret = lb6_pick_backend(ctx, &fe, cookie, out);
-		if (ret)
+		}
+		why->verdict = TRACE_V_BALANCED;
+		ret = lb6_pick_backend(ctx, &fe, cookie, why, out);
+		if (ret) {
+			why->verdict = TRACE_V_STALE_SET;
 			return ret;
+		}
 	}
 	lb6_sock_remember(sk, cookie, connect, daddr, dport, &fe, out);
 	return 0;
@@ -1050,19 +1166,25 @@ static __always_inline int sock6_fwd_mapped(struct bpf_sock_addr *ctx, const __b
 					    __be16 dport, bool connect)
 {
 	struct lb4_backend be = {};
-	int ret = __sock4_xlate_fwd(ctx, daddr[3], dport, (__u8)ctx->protocol, connect, &be);
+	struct lb_why why = {};
+	__u8 proto = (__u8)ctx->protocol;
+	int ret = __sock4_xlate_fwd(ctx, daddr[3], dport, proto, connect, &be, &why);
 
 	if (ret == 0) {
 		ctx->user_ip6[3] = be.addr;
 		barrier();
 		ctx_set_port(ctx, be.port);
 	}
+	if (ret != -ENOENT)
+		trace4(ctx, connect ? TRACE_CONNECT6 : TRACE_SENDMSG6, proto, &why, daddr[3], dport, be.addr, be.port);
 	return sock_verdict(ret);
 }
 
 static __always_inline int sock6_fwd(struct bpf_sock_addr *ctx, bool connect)
 {
 	struct lb6_backend be = {};
+	struct lb_why why = {};
+	__u8 proto = (__u8)ctx->protocol;
 	__be32 daddr[4];
 	__be16 dport;
 	int ret;
@@ -1071,16 +1193,19 @@ static __always_inline int sock6_fwd(struct bpf_sock_addr *ctx, bool connect)
 	dport = ctx_port(ctx);
 	if (v4mapped(daddr[0], daddr[1], daddr[2]))
 		return sock6_fwd_mapped(ctx, daddr, dport, connect);
-	ret = __sock6_xlate_fwd(ctx, daddr, dport, (__u8)ctx->protocol, connect, &be);
+	ret = __sock6_xlate_fwd(ctx, daddr, dport, proto, connect, &be, &why);
 	if (ret == 0) {
 		ctx_set_ip6(ctx, be.addr);
 		ctx_set_port(ctx, be.port);
 	}
+	if (ret != -ENOENT)
+		trace6(ctx, connect ? TRACE_CONNECT6 : TRACE_SENDMSG6, proto, &why, daddr, dport, be.addr, be.port);
 	return sock_verdict(ret);
 }
 
-static __always_inline int sock6_rev(struct bpf_sock_addr *ctx)
+static __always_inline int sock6_rev(struct bpf_sock_addr *ctx, __u8 hook)
 {
+	struct lb_why why = { .verdict = TRACE_V_REVERSE };
 	__be32 saddr[4], fe6[4];
 	__be32 fe4;
 	__be16 sport, fe_port;
@@ -1092,12 +1217,14 @@ static __always_inline int sock6_rev(struct bpf_sock_addr *ctx)
 			ctx->user_ip6[3] = fe4;
 			barrier();
 			ctx_set_port(ctx, fe_port);
+			trace4(ctx, hook, (__u8)ctx->protocol, &why, saddr[3], sport, fe4, fe_port);
 		}
 		return SYS_PROCEED;
 	}
 	if (__sock6_xlate_rev(ctx, saddr, sport, fe6, &fe_port) == 0) {
 		ctx_set_ip6(ctx, fe6);
 		ctx_set_port(ctx, fe_port);
+		trace6(ctx, hook, (__u8)ctx->protocol, &why, saddr, sport, fe6, fe_port);
 	}
 	return SYS_PROCEED;
 }
@@ -1106,6 +1233,7 @@ static __always_inline int sock6_rev(struct bpf_sock_addr *ctx)
  * rules and sent to ::ffff:127.0.0.1, and remembered where its IPv4 twin would be. */
 static __always_inline bool mesh6_redirect(struct bpf_sock_addr *ctx)
 {
+	struct lb_why mesh_why = { .verdict = TRACE_V_MESH };
 	struct lb_frontend none = {};
 	struct pod_info pod = {};
 	__be32 daddr[4];
@@ -1130,6 +1258,7 @@ static __always_inline bool mesh6_redirect(struct bpf_sock_addr *ctx)
 		lb4_sock_remember(sk4, cookie, true, daddr[3], dport, &none, &proxy);
 		sk4->flags |= LB_SOCK_MESH;
 		ctx->user_ip6[3] = proxy.addr;
+		trace4(ctx, TRACE_CONNECT6, IPPROTO_TCP, &mesh_why, daddr[3], dport, proxy.addr, proxy.port);
 	} else {
 		struct lb6_backend proxy = {};
 		struct lb6_sock *sk6;
@@ -1141,6 +1270,7 @@ static __always_inline bool mesh6_redirect(struct bpf_sock_addr *ctx)
 		lb6_sock_remember(sk6, cookie, true, daddr, dport, &none, &proxy);
 		sk6->flags |= LB_SOCK_MESH;
 		ctx_set_ip6(ctx, proxy.addr);
+		trace6(ctx, TRACE_CONNECT6, IPPROTO_TCP, &mesh_why, daddr, dport, proxy.addr, proxy.port);
 	}
 	barrier();
 	ctx_set_port(ctx, pod.outbound_port);
@@ -1161,12 +1291,12 @@ int ctlb_sendmsg6(struct bpf_sock_addr *ctx)
 
 int ctlb_recvmsg6(struct bpf_sock_addr *ctx)
 {
-	return sock6_rev(ctx);
+	return sock6_rev(ctx, TRACE_RECVMSG6);
 }
 
 int ctlb_getpeer6(struct bpf_sock_addr *ctx)
 {
-	return sock6_rev(ctx);
+	return sock6_rev(ctx, TRACE_GETPEER6);
 }
 
 /* --- Sidecar original destination --------------------------------------------------------- */

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from ctlb import datapath, desired, healthcheck, model, planner, semantics, statefile
-from ctlb.datapath import cgroup, reconcile, sockdiag
+from ctlb import datapath, desired, healthcheck, model, planner, semantics, statefile, trace
+from ctlb.datapath import cgroup, maps, reconcile, sockdiag
 from ctlb.sources import manifests, store
 from meshredirect import control, switch, xdsfeed
 
@@ -233,10 +233,13 @@ class Agent:
         self.mesh.rescan()
         self.mesh.apply()
         status = dataclasses.asdict(self.mesh.status())
-        if status != self.state.mesh:
+        pods = self.mesh.pod_names()
+        pods_renamed = pods != self.state.pods
+        if status != self.state.mesh or pods_renamed:
             self.state.mesh = status
+            self.state.pods = pods
             if self.state.syncs:
-                statefile.write(self.config.run_dir, self.state, names=False)
+                statefile.write(self.config.run_dir, self.state, names=pods_renamed)
 
     def _end_stale_flows(self, moved: planner.Moved, plan: desired.DesiredState) -> None:
         """Connected UDP sockets keep the backend they got at connect, and dropped sockets the
@@ -320,10 +323,18 @@ class Agent:
                 elif time.monotonic() > self._gc_off_until:
                     gc.enable()  # a slow start: collect (rarely) again
             self._tend_health()
+            self._end_abandoned_trace()
             if not stop.is_set():
                 self.source.wait(self.config.interval)
         if not self.state.syncs:
             self._end_startup_collector()  # stopped before the first sync
+
+    def _end_abandoned_trace(self) -> None:
+        """A socket-trace killed before it could turn tracing off leaves every decision paying
+        for events no one reads: end that."""
+        owner = trace.end_abandoned(self.datapath.pinned[maps.TRACE_CTL])
+        if owner is not None:
+            log.info("trace_abandoned", pid=owner, action="tracing turned off")
 
     def _end_startup_collector(self) -> None:
         gc.set_threshold(*self._gc_thresholds)

@@ -2,8 +2,8 @@
 
 Written atomically after every sync: `<run dir>/state.json` says what could not be served and
 why, how fresh the source is, and the digest of the desired datapath view the maps are compared
-against; `<run dir>/names.json` holds the service-port names behind the ids in the maps and the
-kind of each frontend. The names are tens of thousands of entries at 10k Services, so they are
+against; `<run dir>/names.json` holds the service-port names behind the ids in the maps, the
+kind of each frontend, and the pods behind the pod ids socket-trace reports. The names are tens of thousands of entries at 10k Services, so they are
 rewritten only when they change, not on every endpoint change.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 
 STATE_FILE = "state.json"
 NAMES_FILE = "names.json"
-_NAME_FIELDS = ("services", "frontend_kinds")
+_NAME_FIELDS = ("services", "frontend_kinds", "pods")
 
 
 @dataclass(slots=True)
@@ -39,6 +39,7 @@ class AgentState:
     health: dict[str, object] = field(default_factory=dict)  # healthz (address, listening, error), checks
     services: dict[str, str] = field(default_factory=dict)  # svc id -> service port name
     frontend_kinds: dict[str, str] = field(default_factory=dict)  # frontend -> ClusterIP, NodePort, ...
+    pods: dict[str, str] = field(default_factory=dict)  # pod id (struct pod_info.pod_id) -> ns/name
 
 
 def write(run_dir: pathlib.Path, state: AgentState, *, names: bool = True) -> None:
@@ -66,6 +67,14 @@ def read(run_dir: pathlib.Path) -> AgentState | None:
     except FileNotFoundError:
         pass  # written after the state file: a reader may come in between
     return AgentState(**raw)
+
+
+def read_names(run_dir: pathlib.Path) -> dict[str, dict[str, str]]:
+    """The names file alone ({} before the agent wrote one): for readers that want no more."""
+    try:
+        return json.loads((run_dir / NAMES_FILE).read_text())
+    except FileNotFoundError:
+        return {}
 
 
 def remove(run_dir: pathlib.Path) -> None:

@@ -79,6 +79,15 @@ class MeshControl:
         self.meshed = sum(p.mode.meshed for p in placements.values())
         return outcome.writes
 
+    def pod_names(self) -> dict[str, str]:
+        """ns/name by pod id, for the pods in the datapath (socket-trace names the callers)."""
+        names: dict[str, str] = {}
+        for placement in self._placed.values():
+            pod_id = self._table.pod_id(placement.cgroup_id)
+            if pod_id is not None:
+                names[str(pod_id)] = f"{placement.mode.namespace}/{placement.mode.name}"
+        return names
+
     @property
     def problems(self) -> tuple[model.Problem, ...]:
         return (*self._decision.problems, *self._table_problems)

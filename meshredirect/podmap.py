@@ -92,6 +92,10 @@ class PodTable:
         writes += self._put_node_settings(placed, pods_changed=writes > 0)
         return Outcome(writes=writes, problems=tuple(problems))
 
+    def pod_id(self, cgroup_id: int) -> int | None:
+        """The id the pod of this cgroup has in the maps, if it is there."""
+        return self._ids.get(cgroup_id)
+
     # --- one pod ------------------------------------------------------------------------------
 
     def _put_pod(self, cgroup_id: int, placement: PodPlacement) -> int:

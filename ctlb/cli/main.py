@@ -7,14 +7,14 @@ import sys
 from collections.abc import Sequence
 
 from ctlb import errors
-from ctlb.cli import agent, services, status, uninstall
+from ctlb.cli import agent, services, socket_trace, status, uninstall
 from ctlb.datapath import libbpf
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctlb", description="eBPF connect-time load balancer for Kubernetes")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for verb in (agent, status, services, uninstall):
+    for verb in (agent, status, services, socket_trace, uninstall):
         verb.register(sub)
     return p
 

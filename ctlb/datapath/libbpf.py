@@ -10,6 +10,7 @@ import ctypes as ct
 import ctypes.util
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 _LIB = ct.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
@@ -244,3 +245,48 @@ def enable_stats() -> int:
 
 def link_detach(link_fd: int) -> None:
     _check(_LIB.bpf_link_detach(link_fd), "link detach")
+
+
+# --- ring buffers -------------------------------------------------------------------------------
+
+# int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size): non-zero stops the poll.
+_SAMPLE_FN = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
+_LIB.ring_buffer__new.argtypes = [ct.c_int, _SAMPLE_FN, ct.c_void_p, ct.c_void_p]
+_LIB.ring_buffer__new.restype = ct.c_void_p
+_LIB.ring_buffer__poll.argtypes = [ct.c_void_p, ct.c_int]
+_LIB.ring_buffer__consume.argtypes = [ct.c_void_p]
+_LIB.ring_buffer__free.argtypes = [ct.c_void_p]
+
+
+class RingBuffer:
+    """The consumer side of a BPF ring buffer map: each record is handed to `on_record` as
+    bytes. A ring buffer has one consumer position, so one reader at a time."""
+
+    def __init__(self, map_fd: int, on_record: Callable[[bytes], None]) -> None:
+        def sample(_ctx: int | None, data: int, size: int) -> int:
+            on_record(ct.string_at(data, size))
+            return 0
+
+        self._sample = _SAMPLE_FN(sample)  # kept: libbpf calls it for as long as the buffer lives
+        ct.set_errno(0)
+        self._rb = _LIB.ring_buffer__new(map_fd, self._sample, None, None)
+        if not self._rb:
+            code = ct.get_errno() or errno.EINVAL
+            raise BpfError(code, f"open ring buffer: {os.strerror(code)}")
+
+    def poll(self, timeout_ms: int) -> int:
+        """Waits up to `timeout_ms` for records and hands over all there are; returns how many.
+        A signal ends the wait early (EINTR counts as none)."""
+        ret = _LIB.ring_buffer__poll(self._rb, timeout_ms)
+        if ret == -errno.EINTR:
+            return 0
+        return _check(ret, "poll ring buffer")
+
+    def consume(self) -> int:
+        """Hands over the records there are, without waiting."""
+        return _check(_LIB.ring_buffer__consume(self._rb), "consume ring buffer")
+
+    def close(self) -> None:
+        if self._rb:
+            _LIB.ring_buffer__free(self._rb)
+            self._rb = None

@@ -28,11 +28,17 @@ PODS = "ctlb_pods"  # this node's pods by pod cgroup id
 MESH_RANGES = {4: "ctlb_mesh_range4", 6: "ctlb_mesh_range6"}  # LPM: include/exclude ranges
 MESH_PORTS = "ctlb_mesh_ports"
 MESH_CONNS = {4: "ctlb_mesh_conn4", 6: "ctlb_mesh_conn6"}  # LRU: original destinations
+TRACE_CTL = "ctlb_trace_ctl"  # ARRAY of one: whether socket-trace listens, and who
+TRACE_RING = "ctlb_trace"  # RINGBUF: socket-trace's events (no key or value type)
+TRACE_EVENT = "ctlb_trace_event"  # the layout compile's stand-in that carries struct trace_event
 
 ALL_MAPS: tuple[str, ...] = (
     *FRONTENDS.values(), *BACKENDS.values(), *MEMBERS.values(), *SOCKETS.values(), *REVNAT.values(),
     *AFFINITY.values(), *SOURCE_RANGES.values(), SETTINGS, PODS, *MESH_RANGES.values(), MESH_PORTS, *MESH_CONNS.values(),
+    TRACE_CTL,
 )
+# Every pin ctlb makes: the maps above and the ring buffer, which has no layout to open it by.
+ALL_PINS: tuple[str, ...] = (*ALL_MAPS, TRACE_RING)
 ARRAYS = frozenset((*FRONTENDS.values(), *BACKENDS.values(), *SOCKETS.values()))
 
 # Pins of earlier layouts. No program of this version reads them: they are removed once this
@@ -70,7 +76,10 @@ def compile_layouts() -> dict[str, Layout]:
     src = bpf_source_dir()
     bpf = BPF(text=b'#include "ctlb.h"\n', cflags=[f"-I{src}", "-DCTLB_LAYOUT_ONLY", "-w"])
     try:
-        return layouts_of(bpf)
+        layouts = layouts_of(bpf)
+        event = bpf[TRACE_EVENT.encode()]
+        layouts[TRACE_EVENT] = Layout(key=event.Key, leaf=event.Leaf)
+        return layouts
     finally:
         bpf.cleanup()
 

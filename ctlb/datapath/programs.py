@@ -127,7 +127,7 @@ class MapSizes:
             return self.revnat_spill
         if name in maps.AFFINITY.values():
             return self.affinity
-        if name == maps.SETTINGS:
+        if name in (maps.SETTINGS, maps.TRACE_CTL):
             return 1
         if name == maps.PODS:
             return self.pods
@@ -358,7 +358,7 @@ def uninstall(bpffs: pathlib.Path) -> list[str]:
     if bpffs.is_dir():
         for entry in sorted(bpffs.iterdir()):
             # Only ctlb's own pins: the folder may be shared with other tools.
-            if entry.name in maps.ALL_MAPS or entry.name in maps.LEGACY_MAPS:
+            if entry.name in maps.ALL_PINS or entry.name in maps.LEGACY_MAPS:
                 entry.unlink()
                 removed.append(entry.name)
         if not any(bpffs.iterdir()):

@@ -97,7 +97,9 @@ def test_ipv6_key_fold_matches_fe6_hash_in_sock_c() -> None:
 
 def test_every_map_the_header_declares_is_known_to_python() -> None:
     declared = set(re.findall(r"^CTLB_MAP\([^;]*?,\s*(ctlb_\w+),", _header(), re.M))
-    assert declared == set(maps.ALL_MAPS)
+    assert declared == {*maps.ALL_MAPS, maps.TRACE_EVENT}
+    pinned_ring = re.findall(r'section\("maps/ringbuf:" CTLB_PIN_DIR "/(ctlb_\w+)"\)', _header())
+    assert pinned_ring == [maps.TRACE_RING]
 
 
 def test_attach_types_match_the_kernel_uapi_numbers_bcc_carries() -> None:
@@ -132,3 +134,14 @@ def test_every_hook_names_an_entry_point_of_the_program_unit() -> None:
     for hook in programs.HOOKS:
         assert re.search(rf"^int {hook.program}\(struct \w+ \*\w+\)", source, re.M), hook.program
         assert len(hook.program) <= 15, "kernel object names hold 15 characters"
+
+
+def test_trace_hooks_and_verdicts_match_the_header() -> None:
+    from ctlb import trace
+
+    hooks = re.search(r"enum trace_hook \{(.*?)\};", _header(), re.S)
+    verdicts = re.search(r"enum trace_verdict \{(.*?)\};", _header(), re.S)
+    assert hooks is not None and verdicts is not None
+    assert {int(v): n.lower() for n, v in re.findall(r"TRACE_(\w+) = (\d+)", hooks[1])} == trace.HOOKS
+    assert {int(v) for v in re.findall(r"TRACE_V_\w+ = (\d+)", verdicts[1])} == set(trace.VERDICTS)
+    assert re.search(r"#define CTLB_AF_INET (\d+)", _header())[1] == str(trace.AF_INET)  # type: ignore[index]
