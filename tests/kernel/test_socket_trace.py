@@ -18,7 +18,7 @@ import pytest
 
 from ctlb import lab as ctlb_lab
 from ctlb.lab import servers
-from tests.kernel import objects
+from tests.kernel import objects, sidecar
 from tests.kernel.clients import http_requests, tcp_probe, udp_exchange
 from tests.kernel.conftest import NODE_NAME, Cluster, ctlb_command
 
@@ -211,3 +211,31 @@ def test_without_an_agent_installed_the_trace_says_so(cluster: Cluster) -> None:
     out = cluster.ctlb("socket-trace", check=False)
     assert out.returncode == 1
     assert "start `ctlb agent`" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_meshed_pods_connection_is_reported_going_to_its_sidecar_and_the_sidecars_balanced(
+        cluster: Cluster) -> None:
+    backend = cluster.lab.add_pod("web0")
+    servers.start_http(backend, name="web0", port=8080)
+    app = cluster.lab.add_pod("app", namespace="shop")
+    sidecar.start(app)
+    cluster.write("scene", [
+        objects.service("web", cluster_ips=[CLUSTER_IP[4]], ports=PORTS[:1]),
+        objects.slice_of("web", [objects.endpoint(str(backend.ipv4))], ports=SLICE_PORTS[:1]),
+        objects.namespace("shop", labels={"ctlb.io/mesh": "enabled"}),
+        objects.pod(app.name, uid=app.uid, ips=[str(a) for a in app.addresses], namespace="shop"),
+    ])
+    cluster.start_agent()
+    _pods_known(cluster, 1)
+    tracer = Tracer(cluster, "--namespace", "shop")
+    try:
+        answer = http_requests(app, CLUSTER_IP[4], 80)[0]
+        assert answer.get("via") == "sidecar", answer
+        redirected = tracer.next(lambda d: d["verdict"] == "mesh")
+        assert (redirected["pod"], redirected["from"], redirected["service"]) == (
+            "shop/app", f"{CLUSTER_IP[4]}:80", "default/web:http/TCP/IPv4")
+        assert redirected["to"].startswith("127.0.0.1:")
+        onward = tracer.next(lambda d: d["hook"] == "connect4" and d["verdict"] == "balanced")
+        assert (onward["pod"], onward["to"]) == ("shop/app", f"{backend.ipv4}:8080"), "the sidecar's own connect"
+    finally:
+        assert tracer.stop() == 0, tracer.stderr
