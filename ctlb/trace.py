@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ctlb import desired, errors, model, statefile
 from ctlb.datapath import libbpf, maps, netorder, tables
@@ -47,6 +48,7 @@ VERDICTS: dict[int, tuple[str, str]] = {
 _ERRNO_OF = {4: "ECONNREFUSED", 9: "EHOSTUNREACH"}
 _LOOKED_UP_NO_FRONTEND = {7, 8}  # mesh, reverse: svc_id is 0, the name comes from the address
 AF_INET = 2  # CTLB_AF_INET
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +269,11 @@ class Session:
         assert self._ring is not None
         return self._ring.poll(timeout_ms)
 
+    def drain(self) -> int:
+        """Hands over what is in the buffer now, without waiting."""
+        assert self._ring is not None
+        return self._ring.consume()
+
     @property
     def lost(self) -> int:
         """Events the programs had no room for since this session began."""
@@ -287,7 +294,7 @@ class Session:
             self._ring_fd = -1
 
 
-def _open_pin(bpffs: pathlib.Path, name: str, opener: Callable[[pathlib.Path], object]):  # type: ignore[no-untyped-def]
+def _open_pin(bpffs: pathlib.Path, name: str, opener: Callable[[pathlib.Path], T]) -> T:
     try:
         return opener(bpffs / name)
     except libbpf.BpfError as exc:

@@ -59,12 +59,12 @@ def run(args: argparse.Namespace) -> int:
     layouts = maps.compile_layouts()
     names = trace.Names(args.run_dir, args.bpffs, layouts)
     decoder = trace.Decoder(layouts[maps.TRACE_EVENT].leaf, names)
-    stop = threading.Event()
+    stop = threading.Event()  # a signal, or --count reached
     shown = 0
 
     def on_record(record: bytes) -> None:
         nonlocal shown
-        if stop.is_set():
+        if args.count is not None and shown >= args.count:
             return
         decision = decoder.decode(record)
         if not wanted.admits(decision):
@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         print("tracing; Ctrl-C to stop", file=sys.stderr, flush=True)
         while not stop.is_set():
             session.poll(200)
+        session.drain()  # what was decided before the signal is still shown
         lost = session.lost
     finally:
         session.close()

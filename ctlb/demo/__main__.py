@@ -127,6 +127,29 @@ def drop_endpoint(manifest: pathlib.Path, address: str) -> None:
     os.replace(tmp, manifest)
 
 
+def trace_demo(client: ctlb_lab.Pod, *, run_dir: pathlib.Path, bpffs: pathlib.Path) -> None:
+    """A curl, a dig and a refused curl from the client pod, as `ctlb socket-trace` saw them."""
+    say("== ctlb socket-trace --pod shop/client, while the client pod curls, digs and is refused ==")
+    trace = subprocess.Popen([sys.executable, "-m", "ctlb.cli.main", "socket-trace", "--pod", "shop/client",
+                              "--bpffs", str(bpffs), "--run-dir", str(run_dir)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert trace.stderr is not None
+    started = trace.stderr.readline()
+    if not started.startswith("tracing"):
+        trace.kill()
+        say(f"   socket-trace did not start: {started}{trace.stderr.read()}")
+        return
+    curl(client, "http://10.96.0.10/")
+    client.run(["dig", "@10.96.0.53", servers.DNS_WHOAMI, "TXT", "+short", "+time=2", "+tries=1"])
+    curl(client, "http://10.96.0.20/")
+    trace.send_signal(signal.SIGINT)
+    out, err = trace.communicate(timeout=30)
+    for line in out.splitlines():
+        say(f"   {line}")
+    if trace.returncode:
+        say(f"   socket-trace exited {trace.returncode}: {err.strip()}")
+
+
 def demo(the_lab: ctlb_lab.Lab, work: pathlib.Path, bpffs: pathlib.Path, xds_dir: pathlib.Path) -> None:
     run_dir = work / "run"
     manifests = work / "manifests"
@@ -168,6 +191,8 @@ def demo(the_lab: ctlb_lab.Lab, work: pathlib.Path, bpffs: pathlib.Path, xds_dir
 
         say("== a Service with no endpoints is refused, like kube-proxy's REJECT ==")
         say(f"   curl http://10.96.0.20/          -> {curl(client, 'http://10.96.0.20/')}")
+
+        trace_demo(client, run_dir=run_dir, bpffs=bpffs)
 
         say("== removing web-2 from the EndpointSlice: the agent reloads the file ==")
         drop_endpoint(manifest, "10.244.0.4")
