@@ -393,13 +393,17 @@ static __always_inline bool trace_on(void)
 	return ctl && READ_U32(&ctl->enabled);
 }
 
-/* A ring buffer slot with who decided filled in, or NULL when the buffer is full (counted). */
+/* While tracing, a ring buffer slot with who decided filled in; NULL when not tracing, or when the
+ * buffer is full (counted). */
 static __always_inline struct trace_event *trace_begin(void *ctx, __u8 hook, __u8 proto,
 						       const struct lb_why *why)
 {
-	struct trace_event *ev = ctlb_trace.ringbuf_reserve(sizeof(struct trace_event));
+	struct trace_event *ev;
 	struct pod_info pod = {};
 
+	if (!trace_on())
+		return NULL;
+	ev = ctlb_trace.ringbuf_reserve(sizeof(struct trace_event));
 	if (!ev) {
 		__u32 zero = 0;
 		struct trace_ctl *ctl = ctlb_trace_ctl.lookup(&zero);
@@ -426,11 +430,8 @@ static __always_inline struct trace_event *trace_begin(void *ctx, __u8 hook, __u
 static __always_inline void trace4(void *ctx, __u8 hook, __u8 proto, const struct lb_why *why,
 				   __be32 from, __be16 from_port, __be32 to, __be16 to_port)
 {
-	struct trace_event *ev;
+	struct trace_event *ev = trace_begin(ctx, hook, proto, why);
 
-	if (!trace_on())
-		return;
-	ev = trace_begin(ctx, hook, proto, why);
 	if (!ev)
 		return;
 	ev->family = CTLB_AF_INET;
@@ -444,11 +445,8 @@ static __always_inline void trace4(void *ctx, __u8 hook, __u8 proto, const struc
 static __always_inline void trace6(void *ctx, __u8 hook, __u8 proto, const struct lb_why *why,
 				   const __be32 *from, __be16 from_port, const __be32 *to, __be16 to_port)
 {
-	struct trace_event *ev;
+	struct trace_event *ev = trace_begin(ctx, hook, proto, why);
 
-	if (!trace_on())
-		return;
-	ev = trace_begin(ctx, hook, proto, why);
 	if (!ev)
 		return;
 	ev->family = CTLB_AF_INET6;

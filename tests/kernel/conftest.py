@@ -89,6 +89,14 @@ class Cluster:
             time.sleep(0.05)
         raise AssertionError(f"agent did not sync within {timeout}s:\n{self.log()}")
 
+    def wait_pods(self, count: int) -> None:
+        """Waits until the agent has found `count` pods' cgroups (it looks every 0.2 s)."""
+        for _ in range(100):
+            if (self.state().mesh or {}).get("pods", 0) >= count:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"the agent did not find {count} pods: {self.state().mesh}")
+
     def state(self) -> statefile.AgentState:
         st = statefile.read(self.run_dir)
         assert st is not None

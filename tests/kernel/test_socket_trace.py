@@ -106,14 +106,6 @@ def _write_scene(cluster: Cluster, family: int, backends: list[ctlb_lab.Pod], cl
     ])
 
 
-def _pods_known(cluster: Cluster, count: int) -> None:
-    for _ in range(100):
-        if (cluster.state().mesh or {}).get("pods", 0) >= count:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the agent did not find {count} pods: {cluster.state().mesh}")
-
-
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 def test_a_pods_connections_are_reported_with_the_service_and_the_backend_that_answered(
         cluster: Cluster, family: int) -> None:
@@ -125,7 +117,7 @@ def test_a_pods_connections_are_reported_with_the_service_and_the_backend_that_a
     client = cluster.lab.add_pod("client", ipv4=not six, ipv6=six)
     _write_scene(cluster, family, backends, [client])
     cluster.start_agent()
-    _pods_known(cluster, 1)
+    cluster.wait_pods(1)
     address_of = {b.name: _address(b, family) for b in backends}
     tracer = Tracer(cluster)
     try:
@@ -171,7 +163,7 @@ def test_filters_keep_only_the_pod_and_the_service_asked_for(cluster: Cluster) -
     ours, theirs = cluster.lab.add_pod("ours"), cluster.lab.add_pod("theirs")
     _write_scene(cluster, 4, [backend], [ours, theirs])
     cluster.start_agent()
-    _pods_known(cluster, 2)
+    cluster.wait_pods(2)
     tracer = Tracer(cluster, "--pod", "ours", "--service", "default/web", "--namespace", "default", "--count", "1")
     try:
         tcp_probe(theirs, CLUSTER_IP[4], 80)  # another pod
@@ -226,7 +218,7 @@ def test_a_meshed_pods_connection_is_reported_going_to_its_sidecar_and_the_sidec
         objects.pod(app.name, uid=app.uid, ips=[str(a) for a in app.addresses], namespace="shop"),
     ])
     cluster.start_agent()
-    _pods_known(cluster, 1)
+    cluster.wait_pods(1)
     tracer = Tracer(cluster, "--namespace", "shop")
     try:
         answer = http_requests(app, CLUSTER_IP[4], 80)[0]

@@ -77,21 +77,12 @@ def _status(cluster: Cluster) -> dict[str, Any]:
     return json.loads(cluster.ctlb("status", "--json", check=False).stdout)
 
 
-def _pods_known(cluster: Cluster, count: int) -> None:
-    """Waits until the agent has found the client pods' cgroups (it looks every 0.2 s)."""
-    for _ in range(100):
-        if (cluster.state().mesh or {}).get("pods", 0) >= count:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the agent did not find {count} pods: {cluster.state().mesh}")
-
-
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 def test_a_client_outside_the_ranges_is_dropped_at_the_load_balancer_ip_only(cluster: Cluster, family: int) -> None:
     scene = Scene(cluster, family)
     scene.write([_host_range(scene.allowed, family), "203.0.113.0/24"])
     cluster.start_agent()
-    _pods_known(cluster, 2)
+    cluster.wait_pods(2)
 
     assert scene.reaches(scene.allowed, LB_IP[family]) == "web0"
     with sniffing(cluster.lab, scene.denied) as sent:
@@ -119,7 +110,7 @@ def test_the_node_passes_only_when_a_range_holds_its_address(cluster: Cluster) -
     scene = Scene(cluster, 4)
     scene.write([_host_range(scene.allowed, 4)])
     cluster.start_agent()
-    _pods_known(cluster, 2)
+    cluster.wait_pods(2)
 
     node = cluster.lab.node
     # A node has a default route, which the drop address is reached by; the lab's node has none.
@@ -135,7 +126,7 @@ def test_changing_the_ranges_admits_new_connections_and_lifting_them_admits_ever
     scene = Scene(cluster, 4)
     scene.write([_host_range(scene.allowed, 4)])
     cluster.start_agent()
-    _pods_known(cluster, 2)
+    cluster.wait_pods(2)
     assert tcp_probe(scene.denied, LB_IP[4], 80).get("error") == "timed out"
 
     scene.write([_host_range(scene.denied, 4)], synced=cluster.state().syncs)
@@ -152,7 +143,7 @@ def test_without_endpoints_every_client_is_refused_as_kube_proxy_does(cluster: C
     scene = Scene(cluster, 4)
     scene.write([_host_range(scene.allowed, 4)], backends=False)
     cluster.start_agent()
-    _pods_known(cluster, 2)
+    cluster.wait_pods(2)
 
     assert tcp_probe(scene.denied, LB_IP[4], 80).get("errno") == errno.ECONNREFUSED
     assert tcp_probe(scene.allowed, LB_IP[4], 80).get("errno") == errno.ECONNREFUSED
@@ -162,7 +153,7 @@ def test_a_restarted_agent_keeps_the_gate_and_adopts_it(cluster: Cluster) -> Non
     scene = Scene(cluster, 4)
     scene.write([_host_range(scene.allowed, 4)])
     cluster.start_agent()
-    _pods_known(cluster, 2)
+    cluster.wait_pods(2)
     cluster.kill_agent()
 
     assert tcp_probe(scene.denied, LB_IP[4], 80).get("error") == "timed out", "no agent: the maps still gate"
