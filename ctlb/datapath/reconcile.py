@@ -508,11 +508,14 @@ class Reconciler:
     def _program_service_port(self, sp: desired.ServicePortState) -> model.Problem | None:
         fam = 4 if sp.name.family == model.IPFamily.IPv4 else 6
         svc_id = self.svc_ids[sp.name]
-        # Groups with equal backends (gated and ungated frontends) share one set.
-        made: dict[tuple[desired.Backend, ...], tuple[int, int]] = {}
+        # Groups with equal backends (gated and ungated frontends) share one set. A service port
+        # of one group (the common case) has none to share with: not hashing its backends for
+        # nothing saves ~8 address hashes per service port.
+        groups = sp.frontend_groups()
+        made: dict[tuple[desired.Backend, ...], tuple[int, int]] | None = {} if len(groups) > 1 else None
         try:
             self._add_source_ranges(fam, svc_id, sp.source_ranges)
-            for group in sp.frontend_groups():
+            for group in groups:
                 self._program_group(fam, svc_id, sp, group, made)
         except errors.MapFull as exc:
             # Ranges added stay: a frontend flipped before the failure may rely on them. Until a
@@ -522,10 +525,14 @@ class Reconciler:
         return None
 
     def _program_group(self, fam: int, svc_id: int, sp: desired.ServicePortState, group: desired.FrontendGroup,
-                       made: dict[tuple[desired.Backend, ...], tuple[int, int]]) -> None:
-        """Points the group's frontends (of one service port) at a set holding its backends."""
-        set_id, start = made.get(group.backends) or self._ensure_set(fam, group.backends, group.frontends)
-        made[group.backends] = (set_id, start)
+                       made: dict[tuple[desired.Backend, ...], tuple[int, int]] | None) -> None:
+        """Points the group's frontends (of one service port) at a set holding its backends;
+        `made` holds the sets the service port's other groups got, None when it has no others."""
+        if made is None:
+            set_id, start = self._ensure_set(fam, group.backends, group.frontends)
+        else:
+            set_id, start = made.get(group.backends) or self._ensure_set(fam, group.backends, group.frontends)
+            made[group.backends] = (set_id, start)
         if sp.affinity_timeout is not None:
             self._ensure_members(fam, svc_id, group.backends)
         flags = tables.LB_F_AFFINITY if sp.affinity_timeout is not None else 0
