@@ -172,8 +172,8 @@ def datapath_view(frontends: Mapping[desired.Frontend, tables.FrontendValue],
                   sets: Mapping[tuple[int, int], tuple[desired.Backend, ...]],
                   source_ranges: Mapping[tuple[int, int], Collection[desired.SourceRange]]) -> dict[str, object]:
     """What a client observes, id-free: frontend -> backends, affinity, drop, and which clients
-    it admits. Two datapaths with the same view balance alike; `ctlb status` compares views to
-    tell whether the maps are in sync."""
+    it admits. Two datapaths with the same view balance alike; `ctlb status` tells whether the
+    maps are in sync by a digest of the same content (`programmed_digest`), not of this text."""
     view: dict[str, object] = {}
     for fe, value in sorted(frontends.items()):
         fam = fe.address.version
