@@ -74,7 +74,7 @@ def collect(args: argparse.Namespace) -> Status:
             st.reasons.append("source has not completed its first list yet")
         if not st.agent_running:
             st.reasons.append(f"agent (pid {agent.pid}) is not running: the source is not being followed")
-        if found is not None and reconcile.digest(found.view()) != agent.desired_digest:
+        if found is not None and reconcile.programmed_digest(found.programmed) != agent.desired_digest:
             st.reasons.append("programmed maps differ from the desired state")
         if agent.last_sync is None:
             st.reasons.append("agent has not synced yet")

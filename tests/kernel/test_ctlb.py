@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import ipaddress
 import json
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import time
 
 import pytest
 
+from ctlb import desired
+from ctlb.datapath import maps, tables
 from ctlb.lab import servers
 from tests.kernel import objects
 from tests.kernel.clients import http_requests, udp_exchange
@@ -729,6 +732,28 @@ def test_status_fails_when_the_maps_differ_from_the_source(cluster: Cluster) -> 
     be_pin = cluster.bpffs / "ctlb_be4_v2"
     subprocess.run(["bpftool", "map", "update", "pinned", str(be_pin), "key", "hex", *["00"] * 4,
                     "value", "hex", *["00"] * 16], check=True, capture_output=True)
+
+    status = cluster.ctlb("status", check=False)
+
+    assert status.returncode == 1
+    assert "differ" in status.stdout
+
+
+def test_status_fails_when_one_backend_differs_from_the_source(cluster: Cluster) -> None:
+    """A complete set with one backend swapped behind the agent's back is out of sync too."""
+    pods = web_backends(cluster, 2)
+    cluster.write("web", web_service(pods))
+    cluster.start_agent()
+    assert cluster.ctlb("status").returncode == 0
+    pinned = maps.open_pinned(cluster.bpffs, maps.compile_layouts())
+    try:
+        backends = tables.kernel_tables(pinned)[4].backends
+        index, slot = max(backends.items(), key=lambda item: item[0])
+        stranger = desired.Backend(ipaddress.ip_address("10.255.0.9"), slot.backend.port)
+        backends.put(index, tables.BackendSlot(slot.set_id, stranger))
+    finally:
+        for m in pinned.values():
+            m.close()
 
     status = cluster.ctlb("status", check=False)
 

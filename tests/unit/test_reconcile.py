@@ -736,9 +736,55 @@ def test_backend_slots_written_in_a_batch_are_the_bytes_one_slot_at_a_time_write
     local_only("split", backends=["10.244.0.2"], external=["10.244.0.2", "10.244.0.3"], affinity=30),
     local_only("dropping", backends=[], external=["10.244.0.3"]),
 ], ids=["plain", "affinity", "refuses", "drops", "ipv6", "two-groups", "two-groups-one-empty"])
-def test_a_service_port_s_digest_is_the_sum_of_its_view_entries_digests(port: desired.ServicePortState) -> None:
+def test_the_agent_s_digest_of_a_service_port_is_the_digest_of_its_programmed_maps(
+        port: desired.ServicePortState) -> None:
     """The agent keeps the state digest from `service_port_digest`, `ctlb status` computes it
-    from the maps' view entry by entry: the two must agree."""
-    view = reconcile.service_port_view(port)
-    assert reconcile.service_port_digest(port) == sum(reconcile.entry_digest(k, v) for k, v in view.items())
-    assert reconcile.combine(reconcile.service_port_digest(port)) == reconcile.digest(view)
+    from the maps (`programmed_digest`): once programmed, the two must agree."""
+    r = reconcile.Reconciler(tables.memory_tables())
+    assert r.apply(state(port)).problems == ()
+    assert reconcile.programmed_digest(r.programmed) == reconcile.combine(reconcile.service_port_digest(port))
+
+
+def test_the_digest_of_a_whole_state_is_the_sum_of_its_service_ports_digests() -> None:
+    want = state(sp("web", ["10.96.0.5", "192.0.2.10"], ["10.244.0.2", "10.244.0.3"], affinity=60),
+                 sp("v6", ["fd00::1"], ["fd00:10:244::2"]), sp("gone", ["10.96.0.2"], [], drop=True),
+                 local_only("split", backends=["10.244.0.4"], external=["10.244.0.4", "10.244.0.5"]))
+    r = reconcile.Reconciler(tables.memory_tables())
+    assert r.apply(want).problems == ()
+    agent_sum = sum(reconcile.service_port_digest(port) for port in want.service_ports.values())
+    assert reconcile.programmed_digest(r.programmed) == reconcile.combine(agent_sum)
+
+
+@pytest.mark.parametrize("wanted", [
+    sp("web", ["10.96.0.1"], ["10.244.0.2", "10.244.0.4"]),
+    sp("web", ["10.96.0.1"], ["10.244.0.2"]),
+    sp("web", ["10.96.0.1"], ["10.244.0.2", "10.244.0.3", "10.244.0.4"]),
+    dataclasses.replace(sp("web", ["10.96.0.1"], []), backends=(be("10.244.0.2"), be("10.244.0.3", 8081))),
+    sp("web", ["10.96.0.1"], ["10.244.0.2", "10.244.0.3"], affinity=60),
+    sp("web", ["10.96.0.2"], ["10.244.0.2", "10.244.0.3"]),
+    sp("web", ["10.96.0.1", "10.96.0.2"], ["10.244.0.2", "10.244.0.3"]),
+], ids=["other-backend", "backend-missing", "backend-extra", "backend-port", "affinity", "other-frontend",
+        "frontend-extra"])
+def test_a_one_entry_difference_makes_the_digests_differ(wanted: desired.ServicePortState) -> None:
+    """`ctlb status` says out of sync when the maps hold anything but what the agent wants."""
+    r = reconcile.Reconciler(tables.memory_tables())
+    r.apply(state(sp("web", ["10.96.0.1"], ["10.244.0.2", "10.244.0.3"])))
+    assert reconcile.programmed_digest(r.programmed) != reconcile.combine(reconcile.service_port_digest(wanted))
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["refuses", "drops"])
+def test_dropping_and_refusing_frontends_differ_in_the_digest(drop: bool) -> None:
+    r = reconcile.Reconciler(tables.memory_tables())
+    r.apply(state(sp("web", ["10.96.0.1"], [], drop=drop)))
+    other = sp("web", ["10.96.0.1"], [], drop=not drop)
+    assert reconcile.programmed_digest(r.programmed) != reconcile.combine(reconcile.service_port_digest(other))
+
+
+def test_an_incomplete_set_in_the_maps_makes_the_digests_differ() -> None:
+    """A set some slot of which went missing reads as incomplete, whatever the rest holds."""
+    r = reconcile.Reconciler(tables.memory_tables())
+    port = sp("web", ["10.96.0.1"], ["10.244.0.2", "10.244.0.3"])
+    r.apply(state(port))
+    value = r.programmed.frontends[fe("10.96.0.1")]
+    found = dataclasses.replace(r.programmed, sets={(4, value.set_id): (be("10.244.0.2"),)})
+    assert reconcile.programmed_digest(found) != reconcile.combine(reconcile.service_port_digest(port))

@@ -186,6 +186,9 @@ def test_the_agent_s_digest_of_a_gated_service_port_covers_its_ranges() -> None:
     """`ctlb status` compares the digest the agent keeps with one of the maps' view: both must
     see the ranges, or a gated Service would read as out of sync."""
     port = lb_port(ranges=("203.0.113.0/24",), admit_node=True)
-    view = reconcile.service_port_view(port)
-    assert reconcile.service_port_digest(port) == sum(reconcile.entry_digest(k, v) for k, v in view.items())
-    assert reconcile.service_port_digest(port) != reconcile.service_port_digest(lb_port(ranges=("192.0.2.0/24",)))
+    r = reconcile.Reconciler(logging_tables([]))
+    r.apply(state(port))
+    assert reconcile.programmed_digest(r.programmed) == reconcile.combine(reconcile.service_port_digest(port))
+    for other in (lb_port(ranges=("192.0.2.0/24",), admit_node=True), lb_port(ranges=("203.0.113.0/24",)),
+                  lb_port(ranges=("203.0.113.0/24", "192.0.2.0/24"), admit_node=True)):
+        assert reconcile.programmed_digest(r.programmed) != reconcile.combine(reconcile.service_port_digest(other))
