@@ -46,7 +46,7 @@ VERDICTS: dict[int, tuple[str, str]] = {
     9: ("refused", "the backend set changed while read: EHOSTUNREACH"),
 }
 _ERRNO_OF = {4: "ECONNREFUSED", 9: "EHOSTUNREACH"}
-_LOOKED_UP_NO_FRONTEND = {7, 8}  # mesh, reverse: svc_id is 0, the name comes from the address
+VERDICT_MESH, VERDICT_REVERSE = 7, 8  # svc_id is 0: the service is found by the frontend's address
 AF_INET = 2  # CTLB_AF_INET
 T = TypeVar("T")
 
@@ -130,6 +130,7 @@ class Names:
         self._layouts = layouts
         self._refresh_s = refresh_s
         self._names_stamp: float | None = None
+        self._names_checked = float("-inf")
         self._services: dict[str, str] = {}
         self._pods: dict[str, str] = {}
         self._frontends: dict[desired.Frontend, int] = {}
@@ -154,6 +155,12 @@ class Names:
         return (0, None) if svc_id is None else (svc_id, self.service(svc_id))
 
     def _read_names(self) -> None:
+        """Reads the names file again if it changed; looks at most every `refresh_s`, not once
+        per event."""
+        now = time.monotonic()
+        if now - self._names_checked < self._refresh_s:
+            return
+        self._names_checked = now
         path = self._run_dir / statefile.NAMES_FILE
         try:
             stamp = path.stat().st_mtime
@@ -202,8 +209,8 @@ class Decoder:
         asked = _endpoint(ev, "from", family)
         got = _endpoint(ev, "to", family) if ev.verdict not in _ERRNO_OF else None
         svc_id = ev.svc_id
-        if ev.verdict in _LOOKED_UP_NO_FRONTEND:
-            frontend_field = "to" if ev.verdict == 8 else "from"
+        if ev.verdict in (VERDICT_MESH, VERDICT_REVERSE):
+            frontend_field = "to" if ev.verdict == VERDICT_REVERSE else "from"
             fe = desired.Frontend(_address(ev, frontend_field, family), netorder.from_be16(
                 getattr(ev, f"{frontend_field}_port")), model.Protocol(protocol))
             svc_id, service = self._names.service_at(fe)

@@ -143,5 +143,7 @@ def test_trace_hooks_and_verdicts_match_the_header() -> None:
     verdicts = re.search(r"enum trace_verdict \{(.*?)\};", _header(), re.S)
     assert hooks is not None and verdicts is not None
     assert {int(v): n.lower() for n, v in re.findall(r"TRACE_(\w+) = (\d+)", hooks[1])} == trace.HOOKS
-    assert {int(v) for v in re.findall(r"TRACE_V_\w+ = (\d+)", verdicts[1])} == set(trace.VERDICTS)
+    numbers = {n: int(v) for n, v in re.findall(r"TRACE_V_(\w+) = (\d+)", verdicts[1])}
+    assert set(numbers.values()) == set(trace.VERDICTS)
+    assert (numbers["MESH"], numbers["REVERSE"]) == (trace.VERDICT_MESH, trace.VERDICT_REVERSE)
     assert re.search(r"#define CTLB_AF_INET (\d+)", _header())[1] == str(trace.AF_INET)  # type: ignore[index]

@@ -79,7 +79,10 @@ def test_unknown_ids_stay_unnamed(event_type: type, names: trace.Names) -> None:
     assert " node curl[4321] " in d.line()
 
 
-def test_the_names_file_is_read_again_when_it_changes(tmp_path: pathlib.Path, names: trace.Names) -> None:
+def test_the_names_file_is_read_again_when_it_changes(tmp_path: pathlib.Path,
+                                                       layouts: dict[str, maps.Layout]) -> None:
+    (tmp_path / "names.json").write_text(json.dumps({"services": {"7": SERVICE}}))
+    names = trace.Names(tmp_path, tmp_path / "no-bpffs", layouts, refresh_s=0.0)
     assert names.service(8) is None
     path = tmp_path / "names.json"
     path.write_text(json.dumps({"services": {"8": "shop/new:80/TCP/IPv4"}}))
