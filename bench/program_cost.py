@@ -212,6 +212,8 @@ class Rig:
                 cgroup_id=pod.pod_cgroup.stat().st_ino, level=len(pod.pod_cgroup.relative_to(mount).parts))
             for pod in (self.client, meshed) if pod is not None
         ]
+        if meshed is not None and self.dp.mesh is not None:
+            self.dp.mesh.ensure()
         outcome = podmap.PodTable(self.dp.pinned, switch.MeshSettings()).apply(placements)
         if outcome.problems:
             raise RuntimeError(f"pods not programmed: {outcome.problems}")

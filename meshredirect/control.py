@@ -5,13 +5,18 @@ annotated, created, deleted); cgroups appear and vanish on the node (kubelet mak
 after the API already has the pod). `update` takes the first, `rescan` the second; both end in
 one `PodTable.apply`, so a pod is in the datapath as soon as both its object and its cgroup
 exist. A pod whose cgroup is not there yet is looked for again on every rescan.
+
+The mesh's own programs (sock_ops, getsockopt) are attached only while the node has a meshed
+pod: before the first pod is redirected, and detached once none has been for a while.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -24,6 +29,19 @@ log = structlog.get_logger()
 
 _KINDS = frozenset({"Namespace", "Pod"})
 
+# How long the mesh's programs stay attached after the last meshed pod left: a connect that read
+# the node's settings just before they changed may still be redirected, and its socket must
+# still be recorded when its SYN is built.
+PROGRAMS_GRACE_S = 1.0
+
+
+class Programs(Protocol):
+    """The mesh's programs, attached on demand (`ctlb.datapath.programs.OnDemand`)."""
+
+    def ensure(self) -> None: ...
+
+    def release(self) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class MeshStatus:
@@ -34,8 +52,11 @@ class MeshStatus:
 
 class MeshControl:
     def __init__(self, *, pinned: Mapping[str, maps.PinnedMap], settings: switch.MeshSettings,
-                 node_name: str, cgroup_root: Path, cgroup_mount: Path) -> None:
+                 node_name: str, cgroup_root: Path, cgroup_mount: Path,
+                 programs: Programs | None = None) -> None:
         self.settings = settings
+        self._programs = programs
+        self._unused_since: float | None = None  # when the node last had no meshed pod
         self._node_name = node_name
         self._root = cgroup_root
         self._mount = cgroup_mount
@@ -71,13 +92,26 @@ class MeshControl:
             found = self._cgroups.get(uid)
             if found is not None:
                 placements[uid] = podmap.PodPlacement(mode=mode, cgroup_id=found.cgroup_id, level=found.level)
+        if self._programs is not None and any(p.mode.meshed for p in placements.values()):
+            self._programs.ensure()  # before a pod's connections are redirected: they must be recorded
         outcome = self._table.apply(placements.values())
         self._table_problems = outcome.problems
         if outcome.writes:
             self._log_moves(self._placed, placements)
         self._placed = placements
         self.meshed = sum(p.mode.meshed for p in placements.values())
+        self._release_programs_when_unused()
         return outcome.writes
+
+    def _release_programs_when_unused(self) -> None:
+        if self.meshed:
+            self._unused_since = None
+            return
+        now = time.monotonic()
+        if self._unused_since is None:
+            self._unused_since = now
+        elif now - self._unused_since >= PROGRAMS_GRACE_S and self._programs is not None:
+            self._programs.release()
 
     def pod_names(self) -> dict[str, str]:
         """ns/name by pod id, for the pods in the datapath (socket-trace names the callers)."""

@@ -83,9 +83,10 @@ def collect(args: argparse.Namespace) -> Status:
 
 
 def _expected_hooks(found: inspect.Inspection) -> tuple[programs.Hook, ...]:
-    """Every hook, and the drop action's egress hook only while a programmed frontend needs it."""
+    """Every hook; the drop action's egress hook only while a programmed frontend needs it, the
+    mesh's only while the node has a meshed pod."""
     egress = any(v.flags & tables.NEEDS_EGRESS for v in found.programmed.frontends.values())
-    return programs.expected_hooks(egress=egress)
+    return programs.expected_hooks(egress=egress, mesh=found.meshed_pods > 0)
 
 
 def _missing_hooks(found: inspect.Inspection) -> list[str]:

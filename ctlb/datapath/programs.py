@@ -4,9 +4,10 @@ Attachments are BPF links pinned in the bpffs folder, so they outlive the agent 
 agent drops nothing), and a new agent swaps its programs in with one `link_update` per hook:
 no moment with no program attached and none with two.
 
-Most hooks are attached for as long as ctlb is installed. An on-demand hook (the egress program
-of the drop action, which runs on every packet) is attached only while something needs it:
-`OnDemand` switches it.
+Most hooks are attached for as long as ctlb is installed. An on-demand hook is attached only
+while something needs it, because it costs sockets that have no use for it: the egress program of
+the drop action runs on every packet, and the mesh's sock_ops and getsockopt programs on every TCP
+socket event and every getsockopt() of every process under the cgroup. `OnDemand` switches them.
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ class Hook:
 # It costs every packet the node's sockets send, so it is attached only while a frontend may drop.
 EGRESS = Hook("ctlb_egress", CGROUP_INET_EGRESS, PROG_CGROUP_SKB, on_demand=True)
 
+# The sidecar mesh: record redirected connections (sock_ops), answer SO_ORIGINAL_DST (getsockopt).
+# Attached while the node has a meshed pod: a node without one would pay ~57 ns for each of the
+# ~5 sock_ops events of every TCP connection, and a call for every getsockopt().
+MESH = (
+    Hook("ctlb_sockops", CGROUP_SOCK_OPS, PROG_SOCK_OPS, on_demand=True),
+    Hook("ctlb_getsockopt", CGROUP_GETSOCKOPT, PROG_CGROUP_SOCKOPT, on_demand=True),
+)
+
 HOOKS: tuple[Hook, ...] = (
     Hook("ctlb_connect4", CGROUP_INET4_CONNECT),
     Hook("ctlb_sendmsg4", CGROUP_UDP4_SENDMSG),
@@ -78,17 +87,16 @@ HOOKS: tuple[Hook, ...] = (
     Hook("ctlb_sendmsg6", CGROUP_UDP6_SENDMSG),
     Hook("ctlb_recvmsg6", CGROUP_UDP6_RECVMSG),
     Hook("ctlb_getpeer6", CGROUP_INET6_GETPEERNAME),
-    # The sidecar mesh: record redirected connections, answer SO_ORIGINAL_DST.
-    Hook("ctlb_sockops", CGROUP_SOCK_OPS, PROG_SOCK_OPS),
-    Hook("ctlb_getsockopt", CGROUP_GETSOCKOPT, PROG_CGROUP_SOCKOPT),
+    *MESH,
     EGRESS,
 )
 
 
-def expected_hooks(*, egress: bool) -> tuple[Hook, ...]:
-    """The hooks that must be attached: every one but the on-demand egress hook, and that one
-    too when `egress` (some frontend may drop)."""
-    return tuple(h for h in HOOKS if not h.on_demand or (h is EGRESS and egress))
+def expected_hooks(*, egress: bool, mesh: bool) -> tuple[Hook, ...]:
+    """The hooks that must be attached: every one but the on-demand ones, the egress hook too
+    when `egress` (some frontend may drop), the mesh's when `mesh` (some pod is meshed)."""
+    wanted = {*((EGRESS,) if egress else ()), *(MESH if mesh else ())}
+    return tuple(h for h in HOOKS if not h.on_demand or h in wanted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,34 +269,42 @@ def detach_hook(hook: Hook, bpffs: pathlib.Path) -> bool:
 
 
 class OnDemand:
-    """Switches an on-demand hook: attached before its first user, detached after its last.
+    """Switches on-demand hooks together: attached before their first user, detached after
+    their last.
 
-    Whether it is attached is read from its link pin, so a restarted agent picks up where the
-    last one left it.
+    Whether they are attached is read from their link pins, so a restarted agent picks up where
+    the last one left them (a hook found missing is attached at the next `ensure`).
     """
 
-    def __init__(self, hook: Hook, *, cgroup_path: pathlib.Path, bpffs: pathlib.Path, prog_fd: int) -> None:
-        self.hook = hook
+    def __init__(self, hooks: tuple[Hook, ...], *, cgroup_path: pathlib.Path, bpffs: pathlib.Path,
+                 prog_fds: dict[str, int]) -> None:
+        self.hooks = hooks
         self._cgroup = cgroup_path
         self._bpffs = bpffs
-        self._prog_fd = prog_fd
-        self._attached = (bpffs / hook.link_pin).exists()
+        self._prog_fds = {h.program: prog_fds[h.program] for h in hooks}
+        self._attached = all((bpffs / h.link_pin).exists() for h in hooks)
 
     @property
     def attached(self) -> bool:
         return self._attached
 
     def ensure(self) -> None:
-        if not self._attached:
-            attach_hook(self.hook, self._cgroup, self._bpffs, self._prog_fd)
-            self._attached = True
-            log.info("program_attached_on_demand", hook=self.hook.program)
+        if self._attached:
+            return
+        for hook in self.hooks:
+            if not (self._bpffs / hook.link_pin).exists():
+                attach_hook(hook, self._cgroup, self._bpffs, self._prog_fds[hook.program])
+        self._attached = True
+        log.info("program_attached_on_demand", hooks=[h.program for h in self.hooks])
 
     def release(self) -> None:
-        if self._attached:
-            detach_hook(self.hook, self._bpffs)
+        if not any((self._bpffs / h.link_pin).exists() for h in self.hooks):
             self._attached = False
-            log.info("program_detached_on_demand", hook=self.hook.program)
+            return
+        for hook in self.hooks:
+            detach_hook(hook, self._bpffs)
+        self._attached = False
+        log.info("program_detached_on_demand", hooks=[h.program for h in self.hooks])
 
 
 def _attach_one(hook: Hook, cg_fd: int, target: int, pin: pathlib.Path, prog_fd: int) -> None:

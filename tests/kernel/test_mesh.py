@@ -133,6 +133,50 @@ def test_relabelling_the_namespace_flips_new_connections_within_a_second(cluster
     assert _wait_for(lambda: "via" not in _one(cluster, app)) < 1.0
 
 
+MESH_HOOKS = {"sockops", "getsockopt"}
+
+
+def _status(cluster: Cluster) -> dict:
+    return json.loads(cluster.ctlb("status", "--json", check=False).stdout)
+
+
+def _attached(cluster: Cluster) -> set[str]:
+    return {a["hook"] for a in _status(cluster)["attached"]}
+
+
+def test_the_mesh_programs_are_attached_only_while_the_node_has_a_meshed_pod(cluster: Cluster) -> None:
+    backends = _backends(cluster)
+    app = cluster.lab.add_pod("app", namespace="shop")
+    sidecar.start(app)
+    cluster.write("web", _web(backends))
+    cluster.write("pods", [objects.namespace("shop"), _pod_object(app)])
+    cluster.start_agent()
+    assert "via" not in _one(cluster, app)
+    assert not MESH_HOOKS & _attached(cluster), "no meshed pod: no program on every TCP socket event"
+    assert _status(cluster)["in_sync"], _status(cluster)["reasons"]
+
+    cluster.write("pods", [objects.namespace("shop", labels=MESH), _pod_object(app)])
+    _wait_for(lambda: _one(cluster, app).get("via") == "sidecar")
+    assert MESH_HOOKS <= _attached(cluster)
+    answers = http_requests(app, CLUSTER_IP, 80, count=10)
+    assert all(a["original_dst"] == [CLUSTER_IP, 80] for a in answers), answers
+    assert _status(cluster)["in_sync"], _status(cluster)["reasons"]
+
+    cluster.write("pods", [objects.namespace("shop"), _pod_object(app)])
+    _wait_for(lambda: "via" not in _one(cluster, app))
+    _wait_for(lambda: not MESH_HOOKS & _attached(cluster), timeout=5.0)
+    assert _status(cluster)["in_sync"], _status(cluster)["reasons"]
+    assert {a["backend"] for a in http_requests(app, CLUSTER_IP, 80, count=10)} <= {"web0", "web1"}
+
+    # Meshed again, and the agent restarted while it is: the new agent keeps the programs.
+    cluster.write("pods", [objects.namespace("shop", labels=MESH), _pod_object(app)])
+    _wait_for(lambda: _one(cluster, app).get("via") == "sidecar")
+    cluster.kill_agent()
+    cluster.start_agent()
+    assert MESH_HOOKS <= _attached(cluster)
+    assert _one(cluster, app)["original_dst"] == [CLUSTER_IP, 80]
+
+
 def test_excluded_ports_and_ranges_bypass_the_sidecar(cluster: Cluster) -> None:
     backends = _backends(cluster)
     app = cluster.lab.add_pod("app", namespace="shop")
