@@ -1,0 +1,127 @@
+"""Where an established-connection gap between ctlb and direct comes from: the pod or ctlb.
+
+`bench.run` measures direct from one client pod (`cplain`, which the kube-proxy modes share) and
+ctlb from another (`cctlb`, whose cgroup carries the programs). A ratio under 1 on established
+traffic can then come from ctlb, or from the two pods not being alike. This runs three arms on
+the same lab node, alternating within every round (their order rotates from round to round):
+
+    plain-direct  cplain to a backend's own address (what bench.run calls direct)
+    ctlb-direct   cctlb to the same address: ctlb's programs attached, no Service on the path
+    ctlb-service  cctlb to the Service address (what bench.run calls ctlb)
+
+ctlb-service / ctlb-direct is what ctlb costs an established flow; ctlb-direct / plain-direct
+is the difference between the pods. Phases: TCP request/response, UDP request/response and
+iperf3, as bench.run measures them (client on CPU 0, servers on CPU 1). With --swap-pods the
+programs go on the pod made as `cplain` and the other pod plays plain: a pod-against-pod gap
+that follows the programs is theirs, one that stays with the pod is the pod's.
+
+    sudo .venv/bin/python -m bench.established_ab --rounds 9 --seconds 3 [--swap-pods]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from bench import loadgen, run, topology
+from ctlb import lab as ctlb_lab
+
+ARMS = ("plain-direct", "ctlb-direct", "ctlb-service")
+PHASES = {"rr": "transactions/s", "udp": "transactions/s", "iperf": "Gbit/s"}
+# Quotients reported: (numerator arm, denominator arm, what it isolates).
+RATIOS = (("ctlb-service", "ctlb-direct", "ctlb on the path, same pod"),
+          ("ctlb-direct", "plain-direct", "pod against pod, no Service"),
+          ("ctlb-service", "plain-direct", "as bench.run reports ctlb / direct"))
+
+
+def arm_target(node: topology.BenchNode, arm: str) -> tuple[ctlb_lab.Pod, topology.Targets]:
+    """The client pod and the addresses an arm dials."""
+    client = node.plain_client if arm == "plain-direct" else node.ctlb_client
+    mode = topology.Mode.CTLB if arm == "ctlb-service" else topology.Mode.DIRECT
+    return client, node.targets(mode, 1)
+
+
+def measure_phase(node: topology.BenchNode, arm: str, phase: str, seconds: float) -> float:
+    client, t = arm_target(node, arm)
+    cpu = topology.CLIENT_CPU
+    if phase == "rr":
+        return loadgen.tcp_rr(client, host=t.first, port=t.port(topology.PORT_RR), seconds=seconds, cpu=cpu)["rate"]
+    if phase == "udp":
+        return loadgen.udp_rr(client, host=t.first, port=t.port(topology.PORT_UDP), seconds=seconds, cpu=cpu)["rate"]
+    return run.iperf(client, host=t.iperf, port=t.port(topology.PORT_IPERF), seconds=seconds)["gbit_s"]
+
+
+def one_round(node: topology.BenchNode, r: int, seconds: float,
+              progress: Callable[[str], None]) -> dict[str, dict[str, float]]:
+    """Every phase, each in every arm back to back, the arms' order rotated by the round."""
+    order = ARMS[r % len(ARMS):] + ARMS[:r % len(ARMS)]
+    sample: dict[str, dict[str, float]] = {}
+    for phase in PHASES:
+        sample[phase] = {arm: measure_phase(node, arm, phase, seconds) for arm in order}
+        progress(f"round {r + 1} {phase}: " + ", ".join(f"{a} {sample[phase][a]:.2f}" for a in ARMS))
+    return sample
+
+
+def summarize(rounds: list[dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
+    rows = []
+    for phase, unit in PHASES.items():
+        row: dict[str, Any] = {"phase": phase, "unit": unit}
+        for arm in ARMS:
+            row[arm] = statistics.median(r[phase][arm] for r in rounds)
+        for num, den, _ in RATIOS:
+            # Per-round quotients: the arms of one round ran back to back, under the same drift.
+            q = [r[phase][num] / r[phase][den] for r in rounds if r[phase][den]]
+            row[f"{num}/{den}"] = {"median": statistics.median(q), "min": min(q), "max": max(q)}
+        rows.append(row)
+    return rows
+
+
+def render(rows: list[dict[str, Any]], rounds: int) -> str:
+    head = "| phase | " + " | ".join(ARMS) + " | " + " | ".join(f"{n} / {d} ({why})" for n, d, why in RATIOS) + " |"
+    out = [head, "|" + "---|" * (1 + len(ARMS) + len(RATIOS))]
+    for row in rows:
+        arms = " | ".join(f"{row[a]:,.2f}" if row["unit"] == "Gbit/s" else f"{row[a]:,.0f}" for a in ARMS)
+        ratios = " | ".join(
+            "{median:.3f} ({min:.3f}–{max:.3f})".format(**row[f"{n}/{d}"]) for n, d, _ in RATIOS)
+        out.append(f"| {row['phase']} ({row['unit']}) | {arms} | {ratios} |")
+    out.append(f"\nmedians of {rounds} rounds; quotients per round, median (min–max)")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench.established_ab", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--seconds", type=float, default=3.0, help="seconds per sample")
+    ap.add_argument("--swap-pods", action="store_true", help="ctlb's programs on the pod made as cplain")
+    ap.add_argument("--json", type=pathlib.Path, help="write the raw rounds and the summary here")
+    args = ap.parse_args(argv)
+    loadgen.build()
+    ctlb_lab.sweep()
+    rounds: list[dict[str, dict[str, float]]] = []
+    with tempfile.TemporaryDirectory(prefix="ctlb-ab-") as tmp, ctlb_lab.Lab() as the_lab:
+        node = topology.BenchNode(the_lab, pathlib.Path(tmp))
+        if args.swap_pods:
+            node.ctlb_client, node.plain_client = node.plain_client, node.ctlb_client
+        try:
+            node.load_services(1)
+            node.start_agent()
+            for r in range(args.rounds):
+                rounds.append(one_round(node, r, args.seconds, lambda line: print(line, flush=True)))
+        finally:
+            node.close()
+    rows = summarize(rounds)
+    print(render(rows, len(rounds)))
+    if args.json:
+        args.json.write_text(json.dumps({"swap_pods": args.swap_pods, "rounds": rounds, "summary": rows, "argv": sys.argv[1:]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
