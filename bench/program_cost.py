@@ -5,6 +5,7 @@
     sudo .venv/bin/python -m bench.program_cost --drop --egress-ab --phases rr,udp,iperf,blast
     sudo .venv/bin/python -m bench.program_cost --services 1000 --mesh --gate --phases crr,crr-lb,direct
     sudo .venv/bin/python -m bench.program_cost --services 1000 --trace --phases crr,udp,peer
+    sudo .venv/bin/python -m bench.program_cost --services 1000 --affinity --phases crr,udp,direct
 
 A lab node with four backend pods and one client pod; the datapath (the real `Datapath`, its
 programs attached to the client pod's cgroup) is given N Services of B backends each, every one
@@ -30,6 +31,9 @@ With --mesh, the node has a meshed pod (not the client): every connect then look
 pod up by its cgroup, as on any node of a mesh. With --gate, the first Service also has a
 LoadBalancer IP with loadBalancerSourceRanges that admit the client, and the phase crr-lb connects
 to it: connect4 through the source-range gate (the pod lookup and an LPM lookup).
+
+With --affinity, every Service has ClientIP session affinity: connect4 and sendmsg4 then find
+the client's backend in the affinity LRU (ctlb_aff4/6) or pick one and remember it there.
 
 With --drop, one more service port drops (internalTrafficPolicy Local, endpoints elsewhere), so
 the drop action's egress program (ctlb_egress) is attached: it runs on every packet the client
@@ -93,6 +97,9 @@ TCP = model.Protocol.TCP
 UDP = model.Protocol.UDP
 
 
+AFFINITY_TIMEOUT_S = 10800  # sessionAffinityConfig.clientIP.timeoutSeconds' default
+
+
 def cluster_ip(index: int, *, ipv6: bool = False) -> model.IPAddress:
     base = ipaddress.IPv6Address("fd00:10:96::") if ipv6 else ipaddress.IPv4Address("10.96.0.0")
     return base + 1 + index
@@ -100,10 +107,11 @@ def cluster_ip(index: int, *, ipv6: bool = False) -> model.IPAddress:
 
 def desired_state(n: int, backends: list[model.IPAddress], *, node_ip: model.IPAddress,
                   nodeport: bool, drop: bool = False,
-                  gate: tuple[desired.SourceRange, ...] = ()) -> desired.DesiredState:
+                  gate: tuple[desired.SourceRange, ...] = (), affinity: bool = False) -> desired.DesiredState:
     """N Services on the same backend pods; the first also carries 53/UDP. With `drop`, one
     more service port (the N+1th ClusterIP) drops: its endpoints are on other nodes. With `gate`,
-    the first Service's TCP port also has a LoadBalancer IP admitting those source ranges."""
+    the first Service's TCP port also has a LoadBalancer IP admitting those source ranges. With
+    `affinity`, every Service has ClientIP session affinity (Kubernetes' default timeout)."""
     ipv6 = backends[0].version == 6
     family = model.IPFamily.IPv6 if ipv6 else model.IPFamily.IPv4
     ports: dict[desired.ServicePortName, desired.ServicePortState] = {}
@@ -121,7 +129,7 @@ def desired_state(n: int, backends: list[model.IPAddress], *, node_ip: model.IPA
             ports[name] = desired.ServicePortState(
                 name=name, frontends=frontends,
                 backends=tuple(sorted(desired.Backend(b, target) for b in backends)),
-                source_ranges=gate if gated else ())
+                source_ranges=gate if gated else (), affinity_timeout=AFFINITY_TIMEOUT_S if affinity else None)
     if drop:
         name = desired.ServicePortName("bench", "svc-drop", f"p{DROP_PORT}", TCP, family)
         ports[name] = desired.ServicePortState(
@@ -173,7 +181,7 @@ class Rig:
     """The lab node, its pods and servers, and the datapath on the client pod's cgroup."""
 
     def __init__(self, the_lab: ctlb_lab.Lab, *, n: int, nodeport: bool, ipv6: bool = False,
-                 drop: bool = False, mesh: bool = False, gate: bool = False) -> None:
+                 drop: bool = False, mesh: bool = False, gate: bool = False, affinity: bool = False) -> None:
         self.lab = the_lab
         self.ipv6 = ipv6
         self.backends = [the_lab.add_pod(f"be{i}", ipv6=ipv6) for i in range(4)]
@@ -193,7 +201,7 @@ class Rig:
         client = self.addr(self.client)
         gate_ranges = (ipaddress.ip_network(client), ipaddress.ip_network("203.0.113.0/24" if not ipv6 else "2001:db8::/32"))
         state = desired_state(n, [self.addr(p) for p in self.backends], node_ip=self.addr(the_lab.node),
-                              nodeport=nodeport, drop=drop, gate=gate_ranges if gate else ())
+                              nodeport=nodeport, drop=drop, gate=gate_ranges if gate else (), affinity=affinity)
         started = time.perf_counter()
         outcome = self.dp.apply(state)
         self.program_s = time.perf_counter() - started
@@ -463,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mesh", action="store_true", help="the node has a meshed pod (not the client)")
     ap.add_argument("--gate", action="store_true",
                     help="the first Service also has a LoadBalancer IP with source ranges (phase crr-lb)")
+    ap.add_argument("--affinity", action="store_true",
+                    help="every Service has ClientIP session affinity: connect4 and sendmsg4 take that path")
     ap.add_argument("--egress-ab", action="store_true",
                     help="with --drop: rr, udp and iperf with the egress program attached and detached")
     ap.add_argument("--floor", action="store_true",
@@ -495,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with ctlb_lab.Lab() as the_lab:
             rig = Rig(the_lab, n=args.services, nodeport=args.nodeport, ipv6=args.ipv6, drop=args.drop,
-                      mesh=args.mesh, gate=args.gate)
+                      mesh=args.mesh, gate=args.gate, affinity=args.affinity)
             try:
                 if args.floor:
                     rig.attach_floor()
