@@ -289,7 +289,7 @@ struct lb_affinity_key {
 };
 
 struct lb4_affinity {
-	__u64 last_used_ns; /* bpf_ktime_get_ns() of the last connect that used it */
+	__u64 last_used_ns; /* bpf_ktime_get_coarse_ns() of the last connect that used it */
 	__be32 addr;
 	__be16 port;
 	__u16 pad;

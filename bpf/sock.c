@@ -173,6 +173,9 @@ static __always_inline int fe_copy(const __u32 *genp, const struct lb_frontend *
 	return -EAGAIN;
 }
 
+/* Affinity times come from the coarse clock (CLOCK_MONOTONIC_COARSE, one tick of resolution):
+ * timeouts are whole seconds, and reading the fine clock costs every connect to such a Service
+ * a clock-source read. */
 static __always_inline bool affinity_fresh(const struct lb_frontend *fe, __u64 last_used, __u64 now)
 {
 	return now - last_used <= (__u64)fe->affinity_timeout * CTLB_NSEC_PER_SEC;
@@ -531,7 +534,7 @@ static __always_inline int lb4_pick_backend(void *ctx, const struct lb_frontend 
 	if (fe->flags & LB_F_AFFINITY) {
 		akey.client = bpf_get_netns_cookie(ctx);
 		akey.svc_id = fe->svc_id;
-		now = bpf_ktime_get_ns();
+		now = bpf_ktime_get_coarse_ns();
 		if (lb4_affinity_backend(fe, &akey, now, out)) {
 			why->verdict = TRACE_V_AFFINITY;
 			return 0;
@@ -952,7 +955,7 @@ static __always_inline int lb6_pick_backend(void *ctx, const struct lb_frontend 
 	if (fe->flags & LB_F_AFFINITY) {
 		akey.client = bpf_get_netns_cookie(ctx);
 		akey.svc_id = fe->svc_id;
-		now = bpf_ktime_get_ns();
+		now = bpf_ktime_get_coarse_ns();
 		if (lb6_affinity_backend(fe, &akey, now, out)) {
 			why->verdict = TRACE_V_AFFINITY;
 			return 0;
