@@ -506,16 +506,23 @@ static __always_inline bool lb4_affinity_backend(const struct lb_frontend *fe,
 						 struct lb_affinity_key *akey, __u64 now,
 						 struct lb4_backend *out)
 {
-	struct lb4_affinity *aff = ctlb_aff4.lookup(akey);
+	struct lb4_affinity *aff = ctlb_aff4_v2.lookup(akey);
 	struct lb4_member_key mkey = {};
+	struct lb4_backend *be;
+	__u32 slot;
 
 	if (!aff || !affinity_fresh(fe, aff->last_used_ns, now))
 		return false;
-	mkey.svc_id = fe->svc_id;
-	mkey.addr = aff->addr;
-	mkey.port = aff->port;
-	if (!ctlb_member4.lookup(&mkey))
-		return false;
+	slot = aff->slot;
+	be = ctlb_be4_v2.lookup(&slot);
+	if (!be || be->set_id != fe->set_id || be->addr != aff->addr || be->port != aff->port) {
+		/* The set changed since: is the backend in the new one? */
+		mkey.svc_id = fe->svc_id;
+		mkey.addr = aff->addr;
+		mkey.port = aff->port;
+		if (!ctlb_member4.lookup(&mkey))
+			return false;
+	}
 	aff->last_used_ns = now;
 	out->addr = aff->addr;
 	out->port = aff->port;
@@ -552,7 +559,8 @@ static __always_inline int lb4_pick_backend(void *ctx, const struct lb_frontend 
 		aff.last_used_ns = now;
 		aff.addr = be->addr;
 		aff.port = be->port;
-		ctlb_aff4.update(&akey, &aff);
+		aff.slot = slot;
+		ctlb_aff4_v2.update(&akey, &aff);
 	}
 	return 0;
 }
@@ -927,16 +935,23 @@ static __always_inline bool lb6_affinity_backend(const struct lb_frontend *fe,
 						 struct lb_affinity_key *akey, __u64 now,
 						 struct lb6_backend *out)
 {
-	struct lb6_affinity *aff = ctlb_aff6.lookup(akey);
+	struct lb6_affinity *aff = ctlb_aff6_v2.lookup(akey);
 	struct lb6_member_key mkey = {};
+	struct lb6_backend *be;
+	__u32 slot;
 
 	if (!aff || !affinity_fresh(fe, aff->last_used_ns, now))
 		return false;
-	mkey.svc_id = fe->svc_id;
-	copy_ip6(mkey.addr, aff->addr);
-	mkey.port = aff->port;
-	if (!ctlb_member6.lookup(&mkey))
-		return false;
+	slot = aff->slot;
+	be = ctlb_be6_v2.lookup(&slot);
+	if (!be || be->set_id != fe->set_id || !ip6_eq(be->addr, aff->addr) || be->port != aff->port) {
+		/* The set changed since: is the backend in the new one? */
+		mkey.svc_id = fe->svc_id;
+		copy_ip6(mkey.addr, aff->addr);
+		mkey.port = aff->port;
+		if (!ctlb_member6.lookup(&mkey))
+			return false;
+	}
 	aff->last_used_ns = now;
 	copy_ip6(out->addr, aff->addr);
 	out->port = aff->port;
@@ -971,7 +986,8 @@ static __always_inline int lb6_pick_backend(void *ctx, const struct lb_frontend 
 		aff.last_used_ns = now;
 		copy_ip6(aff.addr, be->addr);
 		aff.port = be->port;
-		ctlb_aff6.update(&akey, &aff);
+		aff.slot = slot;
+		ctlb_aff6_v2.update(&akey, &aff);
 	}
 	return 0;
 }

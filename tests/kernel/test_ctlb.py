@@ -556,6 +556,31 @@ def test_session_affinity_holds_a_client_to_one_backend(cluster: Cluster) -> Non
     assert len({a["backend"] for a in answers}) == 1
 
 
+@pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "ipv6"])
+def test_session_affinity_survives_set_changes_that_keep_its_backend(cluster: Cluster, ipv6: bool) -> None:
+    pods = web_backends(cluster, 4, ipv6=ipv6)
+    client = cluster.lab.add_pod("client", ipv6=ipv6)
+    ips = (CLUSTER_IP6,) if ipv6 else (CLUSTER_IP,)
+    cluster.write("web", web_service(pods[:3], cluster_ips=ips, affinity_timeout=600))
+    cluster.start_agent()
+    held = {a["backend"] for a in http_requests(client, ips[0], 80, count=10)}
+    assert len(held) == 1
+    (name,) = held
+
+    # Another backend joins: a new set, in which the held backend sits elsewhere.
+    syncs = cluster.state().syncs
+    cluster.write("web", web_service([pods[3], *pods[:3]], cluster_ips=ips, affinity_timeout=600))
+    cluster.wait_synced(after=syncs)
+    assert {a["backend"] for a in http_requests(client, ips[0], 80, count=10)} == held
+
+    # The held backend leaves: the client is balanced afresh, then held to its new backend.
+    syncs = cluster.state().syncs
+    cluster.write("web", web_service([p for p in pods if p.name != name], cluster_ips=ips, affinity_timeout=600))
+    cluster.wait_synced(after=syncs)
+    moved = {a["backend"] for a in http_requests(client, ips[0], 80, count=10)}
+    assert len(moved) == 1 and moved != held
+
+
 def test_session_affinity_expires_after_its_timeout(cluster: Cluster) -> None:
     pods = web_backends(cluster)
     client = cluster.lab.add_pod("client")
