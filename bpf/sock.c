@@ -17,7 +17,8 @@
  * Cost: see the header. The translating path reads ARRAY maps only (lookups inlined by the
  * verifier) and calls one helper, bpf_get_socket_cookie(); bpf_jiffies64() is inlined too. The
  * pick mixes the cookie (new for every socket) with jiffies instead of calling
- * bpf_get_prandom_u32(). Session affinity keeps its LRU maps and helpers: it is the slow path.
+ * bpf_get_prandom_u32(). Session affinity is the slow path: two helpers (the client's netns
+ * cookie, the coarse clock) and an LRU lookup, each a call (~40 ns apiece on this kind of VM).
  */
 #include "ctlb.h"
 
