@@ -27,8 +27,9 @@ CPU 0 and servers on CPU 1, and takes the run-time and run-count deltas of every
     iperf     iperf3 to a backend pod: established throughput (no socket program)
     blast     iperf3 -u of 64-byte datagrams to a backend pod, unlimited: packets/s of one CPU
 
-With --mesh, the node has a meshed pod (not the client): every connect then looks the client's
-pod up by its cgroup, as on any node of a mesh. With --gate, the first Service also has a
+With --mesh, the node has a meshed pod (not the client), as on any node of a mesh: its cgroup
+carries the mesh redirect and sock_ops and getsockopt are attached; the client's connects should
+not pay for it. With --gate, the first Service also has a
 LoadBalancer IP with loadBalancerSourceRanges that admit the client, and the phase crr-lb connects
 to it: connect4 through the source-range gate (the pod lookup and an LPM lookup).
 
@@ -220,11 +221,13 @@ class Rig:
                 cgroup_id=pod.pod_cgroup.stat().st_ino, level=len(pod.pod_cgroup.relative_to(mount).parts))
             for pod in (self.client, meshed) if pod is not None
         ]
-        if meshed is not None and self.dp.mesh is not None:
-            self.dp.mesh.ensure()
         outcome = podmap.PodTable(self.dp.pinned, switch.MeshSettings()).apply(placements)
         if outcome.problems:
             raise RuntimeError(f"pods not programmed: {outcome.problems}")
+        if meshed is not None and self.dp.pod_links is not None:
+            failed = self.dp.pod_links.sync({meshed.pod_cgroup.stat().st_ino: meshed.pod_cgroup})
+            if failed:
+                raise RuntimeError(f"mesh redirect not attached: {failed}")
 
     def addr(self, place: ctlb_lab.Place) -> model.IPAddress:
         address = place.ipv6 if self.ipv6 else place.ipv4

@@ -4,9 +4,9 @@
  * packet is NATed. recvmsg/getpeername rewrite the backend back to the frontend, so UDP clients
  * (DNS resolvers above all) and getpeername() see the address they asked for.
  *
- * In a pod of a meshed namespace, connect sends TCP to the pod's sidecar instead (see "Pods and
- * the sidecar mesh"); ctlb_sockops and ctlb_getsockopt then hand the sidecar the destination
- * the application asked for, as SO_ORIGINAL_DST.
+ * In a pod of a meshed namespace, ctlb_meshconn4/6 (attached to that pod's cgroup) send TCP to
+ * the pod's sidecar first (see "Pods and the sidecar mesh"); ctlb_sockops and ctlb_getsockopt
+ * then hand the sidecar the destination the application asked for, as SO_ORIGINAL_DST.
  *
  * Entry points (ctlb_*) are thin: the workers return 0 (translated), -ENOENT (not a frontend:
  * leave the socket alone) or another -errno, and only the entry point turns that into a verdict.
@@ -200,8 +200,9 @@ static __always_inline int sock_verdict(int ret)
  * so they ask for the current task's ancestor at each level where user space says pod cgroups
  * exist (ctlb_settings.pod_levels) and look that id up in ctlb_pods. That walk costs a helper
  * call and a hash lookup per level (~130 ns with one level on this VM), so its answer is kept
- * per CPU (ctlb_pod_cache), and a connect asks at all only when the node has meshed pods
- * (ctlb_settings.meshed_pods) or the frontend admits some sources only.
+ * per CPU (ctlb_pod_cache). The mesh redirect runs only in meshed pods (ctlb_meshconn4/6 hang
+ * on their own cgroups), and the root programs ask for a pod only when the frontend admits some
+ * sources only or socket-trace listens.
  *
  * Capture follows Istio's iptables rules: TCP only; never the sidecar's own uid; never a
  * loopback destination, nor the sidecar's own port (a connection is never captured onto the
@@ -861,9 +862,17 @@ static __always_inline bool mesh4_redirect(struct bpf_sock_addr *ctx)
 
 int ctlb_connect4(struct bpf_sock_addr *ctx)
 {
-	if (mesh4_redirect(ctx))
-		return SYS_PROCEED;
 	return sock4_fwd(ctx, true);
+}
+
+/* Attached to each meshed pod's own cgroup, not to the root: the kernel runs a cgroup's programs
+ * before its ancestors', so a captured connect reaches ctlb_connect4 already sent to the sidecar
+ * (loopback, not a frontend: left alone), and a connect it does not capture is balanced there.
+ * Pods outside the mesh never run it, and never pay for finding their pod. */
+int ctlb_meshconn4(struct bpf_sock_addr *ctx)
+{
+	mesh4_redirect(ctx);
+	return SYS_PROCEED;
 }
 
 int ctlb_sendmsg4(struct bpf_sock_addr *ctx)
@@ -1297,9 +1306,14 @@ static __always_inline bool mesh6_redirect(struct bpf_sock_addr *ctx)
 
 int ctlb_connect6(struct bpf_sock_addr *ctx)
 {
-	if (mesh6_redirect(ctx))
-		return SYS_PROCEED;
 	return sock6_fwd(ctx, true);
+}
+
+/* ctlb_meshconn4 for IPv6 sockets (IPv4-mapped destinations included). */
+int ctlb_meshconn6(struct bpf_sock_addr *ctx)
+{
+	mesh6_redirect(ctx);
+	return SYS_PROCEED;
 }
 
 int ctlb_sendmsg6(struct bpf_sock_addr *ctx)

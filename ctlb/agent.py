@@ -143,7 +143,7 @@ class Agent:
         self.planner = planner.Planner(config.node_name)
         self.mesh = control.MeshControl(pinned=dp.pinned, settings=config.mesh, node_name=config.node_name,
                                         cgroup_root=config.cgroup, cgroup_mount=cgroup.cgroup2_mount(),
-                                        programs=dp.mesh)
+                                        pod_links=dp.pod_links)
         # Sidecars are served only while this node has some: building Envoy's config costs.
         self.xds = None if xds_server is None else xdsfeed.XdsFeed(xds_server, wanted=lambda: self.mesh.meshed > 0)
         # Seeded from the maps as adopted, before the first apply changes them.

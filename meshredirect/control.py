@@ -6,8 +6,9 @@ after the API already has the pod). `update` takes the first, `rescan` the secon
 one `PodTable.apply`, so a pod is in the datapath as soon as both its object and its cgroup
 exist. A pod whose cgroup is not there yet is looked for again on every rescan.
 
-The mesh's own programs (sock_ops, getsockopt) are attached only while the node has a meshed
-pod: before the first pod is redirected, and detached once none has been for a while.
+The mesh's programs (the redirect, sock_ops, getsockopt) hang on each meshed pod's own cgroup
+(`PodLinks`): attached once the pod's entry is in the maps, detached a moment after it left the
+mesh or the node. Pods outside the mesh never run them.
 """
 
 from __future__ import annotations
@@ -29,18 +30,15 @@ log = structlog.get_logger()
 
 _KINDS = frozenset({"Namespace", "Pod"})
 
-# How long the mesh's programs stay attached after the last meshed pod left: a connect that read
-# the node's settings just before they changed may still be redirected, and its socket must
-# still be recorded when its SYN is built.
-PROGRAMS_GRACE_S = 1.0
+# How long a pod keeps the mesh's programs after it left the mesh: a connect redirected just
+# before its entry changed must still be recorded by sock_ops when its SYN is built.
+LINK_GRACE_S = 1.0
 
 
-class Programs(Protocol):
-    """The mesh's programs, attached on demand (`ctlb.datapath.programs.OnDemand`)."""
+class PodLinks(Protocol):
+    """The mesh's programs on meshed pods' cgroups (`ctlb.datapath.programs.PodLinks`)."""
 
-    def ensure(self) -> None: ...
-
-    def release(self) -> None: ...
+    def sync(self, wanted: dict[int, Path]) -> dict[int, str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +51,12 @@ class MeshStatus:
 class MeshControl:
     def __init__(self, *, pinned: Mapping[str, maps.PinnedMap], settings: switch.MeshSettings,
                  node_name: str, cgroup_root: Path, cgroup_mount: Path,
-                 programs: Programs | None = None) -> None:
+                 pod_links: PodLinks | None = None) -> None:
         self.settings = settings
-        self._programs = programs
-        self._unused_since: float | None = None  # when the node last had no meshed pod
+        self._pod_links = pod_links
+        self._linked: dict[int, Path] | None = None  # pod cgroup id -> path, as last synced; None: never
+        self._unlinking: dict[int, float] = {}  # pod cgroup id -> when it stopped being meshed
+        self._link_problems: tuple[model.Problem, ...] = ()
         self._node_name = node_name
         self._root = cgroup_root
         self._mount = cgroup_mount
@@ -92,26 +92,41 @@ class MeshControl:
             found = self._cgroups.get(uid)
             if found is not None:
                 placements[uid] = podmap.PodPlacement(mode=mode, cgroup_id=found.cgroup_id, level=found.level)
-        if self._programs is not None and any(p.mode.meshed for p in placements.values()):
-            self._programs.ensure()  # before a pod's connections are redirected: they must be recorded
         outcome = self._table.apply(placements.values())
         self._table_problems = outcome.problems
         if outcome.writes:
             self._log_moves(self._placed, placements)
         self._placed = placements
         self.meshed = sum(p.mode.meshed for p in placements.values())
-        self._release_programs_when_unused()
+        self._link_pods()
         return outcome.writes
 
-    def _release_programs_when_unused(self) -> None:
-        if self.meshed:
-            self._unused_since = None
+    def _link_pods(self) -> None:
+        """The mesh's programs on the cgroup of every meshed pod in the maps, and of pods that
+        left the mesh less than LINK_GRACE_S ago; on no other."""
+        if self._pod_links is None:
             return
+        meshed = {p.cgroup_id: self._cgroups[uid].path for uid, p in self._placed.items()
+                  if p.mode.meshed and uid in self._cgroups and self._table.pod_id(p.cgroup_id) is not None}
+        wanted = {**self._lingering(meshed), **meshed}
+        if wanted == self._linked and not self._link_problems:
+            return
+        failed = self._pod_links.sync(wanted)
+        self._linked = wanted
+        names = {p.cgroup_id: f"{p.mode.namespace}/{p.mode.name}" for p in self._placed.values()}
+        self._link_problems = tuple(
+            model.Problem(f"Pod {names.get(c, c)}", f"not captured: attaching the mesh's programs to its cgroup failed: {why}")
+            for c, why in sorted(failed.items()))
+
+    def _lingering(self, meshed: Mapping[int, Path]) -> dict[int, Path]:
+        """The pods that left the mesh less than LINK_GRACE_S ago and whose cgroup is still there."""
         now = time.monotonic()
-        if self._unused_since is None:
-            self._unused_since = now
-        elif now - self._unused_since >= PROGRAMS_GRACE_S and self._programs is not None:
-            self._programs.release()
+        for cgroup_id in (self._linked or {}).keys() - meshed.keys():
+            self._unlinking.setdefault(cgroup_id, now)
+        linked = self._linked or {}
+        self._unlinking = {c: since for c, since in self._unlinking.items()
+                           if c not in meshed and now - since < LINK_GRACE_S and c in linked and linked[c].exists()}
+        return {c: linked[c] for c in self._unlinking}
 
     def pod_names(self) -> dict[str, str]:
         """ns/name by pod id, for the pods in the datapath (socket-trace names the callers)."""
@@ -124,7 +139,7 @@ class MeshControl:
 
     @property
     def problems(self) -> tuple[model.Problem, ...]:
-        return (*self._decision.problems, *self._table_problems)
+        return (*self._decision.problems, *self._table_problems, *self._link_problems)
 
     def status(self) -> MeshStatus:
         waiting = sorted(f"{m.namespace}/{m.name}" for uid, m in self._decision.pods.items()

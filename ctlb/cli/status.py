@@ -83,10 +83,9 @@ def collect(args: argparse.Namespace) -> Status:
 
 
 def _expected_hooks(found: inspect.Inspection) -> tuple[programs.Hook, ...]:
-    """Every hook; the drop action's egress hook only while a programmed frontend needs it, the
-    mesh's only while the node has a meshed pod."""
+    """Every hook, and the drop action's egress hook only while a programmed frontend needs it."""
     egress = any(v.flags & tables.NEEDS_EGRESS for v in found.programmed.frontends.values())
-    return programs.expected_hooks(egress=egress, mesh=found.meshed_pods > 0)
+    return programs.expected_hooks(egress=egress)
 
 
 def _missing_hooks(found: inspect.Inspection) -> list[str]:

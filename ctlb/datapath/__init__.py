@@ -21,11 +21,11 @@ class Datapath:
     """Programs loaded and attached, maps adopted: ready to take desired states."""
 
     def __init__(self, *, bpf: object, pinned: dict[str, maps.PinnedMap],
-                 egress: programs.OnDemand | None = None, mesh: programs.OnDemand | None = None) -> None:
+                 egress: programs.OnDemand | None = None, pod_links: programs.PodLinks | None = None) -> None:
         self._bpf = bpf
         self.pinned = pinned
         self.egress = egress
-        self.mesh = mesh  # the mesh's programs, switched by the pods (meshredirect.control)
+        self.pod_links = pod_links  # the mesh's programs on each meshed pod's cgroup (meshredirect.control)
         self.reconciler = reconcile.Reconciler(tables.kernel_tables(pinned), egress=egress)
         self._pending_attach: Callable[[], None] | None = None
 
@@ -43,8 +43,7 @@ class Datapath:
         pinned = maps.open_pinned(bpffs, maps.layouts_of(bpf))
         _warn_on_size_change(pinned, sizes)
         egress = programs.OnDemand((programs.EGRESS,), cgroup_path=cgroup, bpffs=bpffs, prog_fds=prog_fds)
-        mesh = programs.OnDemand(programs.MESH, cgroup_path=cgroup, bpffs=bpffs, prog_fds=prog_fds)
-        datapath = cls(bpf=bpf, pinned=pinned, egress=egress, mesh=mesh)
+        datapath = cls(bpf=bpf, pinned=pinned, egress=egress, pod_links=programs.PodLinks(bpffs, prog_fds))
 
         def attach() -> None:
             programs.attach(cgroup, bpffs, prog_fds)

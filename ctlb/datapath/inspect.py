@@ -25,7 +25,6 @@ class Inspection:
     attachments: list[programs.Attachment]
     programmed: reconcile.Programmed
     fill: list[MapFill]
-    meshed_pods: int  # ctlb_settings.meshed_pods: the mesh's programs must be attached while > 0
 
     def view(self) -> dict[str, object]:
         return reconcile.datapath_view(self.programmed.frontends, self.programmed.sets,
@@ -45,12 +44,10 @@ def inspect(bpffs: pathlib.Path) -> Inspection | None:
     try:
         fill = [_fill(m) for m in pinned.values()]
         programmed = reconcile.read_programmed(tables.kernel_tables(pinned))
-        settings = pinned[maps.SETTINGS].get(ct.c_uint32(0))
     finally:
         for m in pinned.values():
             m.close()
-    return Inspection(attachments=programs.attachments(bpffs), programmed=programmed, fill=fill,
-                      meshed_pods=settings.meshed_pods if settings is not None else 0)
+    return Inspection(attachments=programs.attachments(bpffs), programmed=programmed, fill=fill)
 
 
 def _fill(m: maps.PinnedMap) -> MapFill:

@@ -4,10 +4,10 @@ Attachments are BPF links pinned in the bpffs folder, so they outlive the agent 
 agent drops nothing), and a new agent swaps its programs in with one `link_update` per hook:
 no moment with no program attached and none with two.
 
-Most hooks are attached for as long as ctlb is installed. An on-demand hook is attached only
-while something needs it, because it costs sockets that have no use for it: the egress program of
-the drop action runs on every packet, and the mesh's sock_ops and getsockopt programs on every TCP
-socket event and every getsockopt() of every process under the cgroup. `OnDemand` switches them.
+Most hooks are attached to the cgroup ctlb serves for as long as ctlb is installed. An on-demand
+hook (the egress program of the drop action, which runs on every packet) is attached only while
+something needs it: `OnDemand` switches it. The mesh's programs hang on each meshed pod's own
+cgroup instead (`PodLinks`): pods outside the mesh never run them.
 """
 
 from __future__ import annotations
@@ -70,14 +70,6 @@ class Hook:
 # It costs every packet the node's sockets send, so it is attached only while a frontend may drop.
 EGRESS = Hook("ctlb_egress", CGROUP_INET_EGRESS, PROG_CGROUP_SKB, on_demand=True)
 
-# The sidecar mesh: record redirected connections (sock_ops), answer SO_ORIGINAL_DST (getsockopt).
-# Attached while the node has a meshed pod: a node without one would pay ~57 ns for each of the
-# ~5 sock_ops events of every TCP connection, and a call for every getsockopt().
-MESH = (
-    Hook("ctlb_sockops", CGROUP_SOCK_OPS, PROG_SOCK_OPS, on_demand=True),
-    Hook("ctlb_getsockopt", CGROUP_GETSOCKOPT, PROG_CGROUP_SOCKOPT, on_demand=True),
-)
-
 HOOKS: tuple[Hook, ...] = (
     Hook("ctlb_connect4", CGROUP_INET4_CONNECT),
     Hook("ctlb_sendmsg4", CGROUP_UDP4_SENDMSG),
@@ -87,16 +79,29 @@ HOOKS: tuple[Hook, ...] = (
     Hook("ctlb_sendmsg6", CGROUP_UDP6_SENDMSG),
     Hook("ctlb_recvmsg6", CGROUP_UDP6_RECVMSG),
     Hook("ctlb_getpeer6", CGROUP_INET6_GETPEERNAME),
-    *MESH,
     EGRESS,
 )
 
 
-def expected_hooks(*, egress: bool, mesh: bool) -> tuple[Hook, ...]:
-    """The hooks that must be attached: every one but the on-demand ones, the egress hook too
-    when `egress` (some frontend may drop), the mesh's when `mesh` (some pod is meshed)."""
-    wanted = {*((EGRESS,) if egress else ()), *(MESH if mesh else ())}
-    return tuple(h for h in HOOKS if not h.on_demand or h in wanted)
+# Attached to each meshed pod's own cgroup (`PodLinks`), not to the root: the sidecar mesh. The
+# redirect runs before the root's connect program (a cgroup's programs run before its
+# ancestors'), so a captured connect reaches it sent to the sidecar already; sock_ops records
+# redirected connections and getsockopt answers the sidecar's SO_ORIGINAL_DST (the sidecar runs
+# in the pod). Pods outside the mesh never run any of them: sock_ops alone would cost ~57 ns on
+# each of the ~5 events of every TCP connection.
+POD_HOOKS: tuple[Hook, ...] = (
+    Hook("ctlb_meshconn4", CGROUP_INET4_CONNECT),
+    Hook("ctlb_meshconn6", CGROUP_INET6_CONNECT),
+    Hook("ctlb_sockops", CGROUP_SOCK_OPS, PROG_SOCK_OPS),
+    Hook("ctlb_getsockopt", CGROUP_GETSOCKOPT, PROG_CGROUP_SOCKOPT),
+)
+POD_LINK_PREFIX = "link_pod_"  # + "<pod cgroup id>_<hook name>"
+
+
+def expected_hooks(*, egress: bool) -> tuple[Hook, ...]:
+    """The hooks that must be attached: every one but the on-demand egress hook, and that one
+    too when `egress` (some frontend may drop)."""
+    return tuple(h for h in HOOKS if not h.on_demand or (h is EGRESS and egress))
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +228,7 @@ def compile_and_load(bpffs: pathlib.Path, sizes: MapSizes) -> tuple[object, dict
     try:
         bpf = BPF(text=program_text(src), cflags=cflags)
         fds = {h.program: bpf.load_func(h.program.encode(), h.prog_type,
-                                        attach_type=h.attach_type).fd for h in HOOKS}
+                                        attach_type=h.attach_type).fd for h in (*HOOKS, *POD_HOOKS)}
     except Exception as exc:  # bcc raises bare Exception for compile and verifier failures
         raise errors.DatapathError(f"loading bpf/{{{','.join(PROGRAM_FILES)}}} failed: {exc}") from exc
     return bpf, fds
@@ -238,10 +243,12 @@ def program_text(src: pathlib.Path) -> bytes:
 
 def attach(cgroup_path: pathlib.Path, bpffs: pathlib.Path, prog_fds: dict[str, int]) -> None:
     """Attaches every hook to `cgroup_path`, replacing the programs of pinned links in place.
-    An on-demand hook is only swapped to this version's program if it is attached already."""
+    An on-demand hook is only swapped to this version's program if it is attached already, and
+    so are the pods' links."""
     for hook in HOOKS:
         if not hook.on_demand or (bpffs / hook.link_pin).exists():
             attach_hook(hook, cgroup_path, bpffs, prog_fds[hook.program])
+    PodLinks(bpffs, prog_fds).swap_programs()
 
 
 def attach_hook(hook: Hook, cgroup_path: pathlib.Path, bpffs: pathlib.Path, prog_fd: int) -> None:
@@ -256,16 +263,7 @@ def attach_hook(hook: Hook, cgroup_path: pathlib.Path, bpffs: pathlib.Path, prog
 
 def detach_hook(hook: Hook, bpffs: pathlib.Path) -> bool:
     """Detaches one hook and removes its link pin; False if it was not attached."""
-    pin = bpffs / hook.link_pin
-    fd = _open_link(pin)
-    if fd is None:
-        return False
-    try:
-        libbpf.link_detach(fd)
-    finally:
-        os.close(fd)
-    pin.unlink()
-    return True
+    return _detach_pin(bpffs / hook.link_pin)
 
 
 class OnDemand:
@@ -305,6 +303,89 @@ class OnDemand:
             detach_hook(hook, self._bpffs)
         self._attached = False
         log.info("program_detached_on_demand", hooks=[h.program for h in self.hooks])
+
+
+class PodLinks:
+    """The pod hooks (`POD_HOOKS`) of each meshed pod, as links pinned beside the maps and named
+    by the pod cgroup's id, so a restarted agent finds them and a pod that left is detached."""
+
+    def __init__(self, bpffs: pathlib.Path, prog_fds: dict[str, int]) -> None:
+        self._bpffs = bpffs
+        self._prog_fds = {h.program: prog_fds[h.program] for h in POD_HOOKS}
+
+    def pods(self) -> set[int]:
+        """The pod cgroup ids that have a pinned pod link."""
+        return {int(name.split("_")[0]) for name in self._pin_names()}
+
+    def sync(self, wanted: dict[int, pathlib.Path]) -> dict[int, str]:
+        """Attaches the pod hooks to the cgroups of `wanted` (pod cgroup id → path) that lack
+        them, and detaches them from every other pod. Returns why a pod could not be attached,
+        by cgroup id; the others are attached all the same."""
+        failed: dict[int, str] = {}
+        for cgroup_id, path in wanted.items():
+            try:
+                self._attach_pod(cgroup_id, path)
+            except (OSError, libbpf.BpfError) as exc:
+                failed[cgroup_id] = str(exc)
+                self._detach_pod(cgroup_id)  # all of its hooks or none
+        for cgroup_id in self.pods() - wanted.keys():
+            self._detach_pod(cgroup_id)
+        return failed
+
+    def swap_programs(self) -> None:
+        """Points every pod link at this version's program (after an agent upgrade)."""
+        for name in self._pin_names():
+            hook = next((h for h in POD_HOOKS if name.endswith("_" + h.name)), None)
+            fd = _open_link(self._bpffs / (POD_LINK_PREFIX + name))
+            if fd is None:
+                continue
+            try:
+                if hook is not None:
+                    libbpf.link_update(fd, self._prog_fds[hook.program])
+            finally:
+                os.close(fd)
+
+    def _attach_pod(self, cgroup_id: int, path: pathlib.Path) -> None:
+        missing = [h for h in POD_HOOKS if not self._pin(cgroup_id, h).exists()]
+        if not missing:
+            return
+        cg_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for hook in missing:
+                _attach_one(hook, cg_fd, cgroup_id, self._pin(cgroup_id, hook), self._prog_fds[hook.program])
+        finally:
+            os.close(cg_fd)
+        log.debug("pod_programs_attached", cgroup_id=cgroup_id)
+
+    def _detach_pod(self, cgroup_id: int) -> None:
+        for hook in POD_HOOKS:
+            _detach_pin(self._pin(cgroup_id, hook))
+
+    def _pin(self, cgroup_id: int, hook: Hook) -> pathlib.Path:
+        return self._bpffs / f"{POD_LINK_PREFIX}{cgroup_id}_{hook.name}"
+
+    def _pin_names(self) -> list[str]:
+        """The pod link pins' names without the prefix: "<cgroup id>_<hook name>"."""
+        if not self._bpffs.is_dir():
+            return []
+        return [e.name.removeprefix(POD_LINK_PREFIX) for e in self._bpffs.iterdir()
+                if e.name.startswith(POD_LINK_PREFIX)]
+
+
+def _detach_pin(pin: pathlib.Path) -> bool:
+    """Detaches a pinned link and removes its pin; False if there was none. A link whose cgroup
+    is gone was detached by the kernel already: only its pin is left to remove."""
+    fd = _open_link(pin)
+    if fd is None:
+        return False
+    try:
+        libbpf.link_detach(fd)
+    except libbpf.BpfError:
+        pass  # its cgroup is gone: nothing attached any more
+    finally:
+        os.close(fd)
+    pin.unlink()
+    return True
 
 
 def _attach_one(hook: Hook, cg_fd: int, target: int, pin: pathlib.Path, prog_fd: int) -> None:
@@ -372,6 +453,9 @@ def uninstall(bpffs: pathlib.Path) -> list[str]:
     """Detaches every program and removes every pin under `bpffs`. Returns what it removed."""
     removed = [hook.link_pin for hook in HOOKS if detach_hook(hook, bpffs)]
     if bpffs.is_dir():
+        for entry in sorted(bpffs.iterdir()):
+            if entry.name.startswith(POD_LINK_PREFIX) and _detach_pin(entry):
+                removed.append(entry.name)
         for entry in sorted(bpffs.iterdir()):
             # Only ctlb's own pins: the folder may be shared with other tools.
             if entry.name in maps.ALL_PINS or entry.name in maps.LEGACY_MAPS:

@@ -133,7 +133,7 @@ def test_relabelling_the_namespace_flips_new_connections_within_a_second(cluster
     assert _wait_for(lambda: "via" not in _one(cluster, app)) < 1.0
 
 
-MESH_HOOKS = {"sockops", "getsockopt"}
+POD_PROGRAMS = {"ctlb_meshconn4", "ctlb_meshconn6", "ctlb_sockops", "ctlb_getsockopt"}
 
 
 def _status(cluster: Cluster) -> dict:
@@ -144,37 +144,66 @@ def _attached(cluster: Cluster) -> set[str]:
     return {a["hook"] for a in _status(cluster)["attached"]}
 
 
-def test_the_mesh_programs_are_attached_only_while_the_node_has_a_meshed_pod(cluster: Cluster) -> None:
+def _on_cgroup(pod) -> set[str]:
+    """The programs attached to a pod's own cgroup (not inherited from above)."""
+    out = subprocess.run(["bpftool", "cgroup", "show", str(pod.pod_cgroup), "-j"],
+                         capture_output=True, text=True, check=True).stdout
+    return {p["name"] for p in json.loads(out.strip() or "[]")}
+
+
+def _pod_pins(cluster: Cluster) -> list[str]:
+    return sorted(e.name for e in cluster.bpffs.iterdir() if e.name.startswith("link_pod_"))
+
+
+def test_the_mesh_programs_are_attached_only_where_and_while_a_pod_is_meshed(cluster: Cluster) -> None:
     backends = _backends(cluster)
     app = cluster.lab.add_pod("app", namespace="shop")
+    plain = cluster.lab.add_pod("plain", namespace="tools")
     sidecar.start(app)
     cluster.write("web", _web(backends))
-    cluster.write("pods", [objects.namespace("shop"), _pod_object(app)])
+    pods = [objects.namespace("tools"), _pod_object(app), _pod_object(plain)]
+    cluster.write("pods", [objects.namespace("shop"), *pods])
     cluster.start_agent()
     assert "via" not in _one(cluster, app)
-    assert not MESH_HOOKS & _attached(cluster), "no meshed pod: no program on every TCP socket event"
+    assert not {"sockops", "getsockopt"} & _attached(cluster), "the node-wide cgroup never carries them"
+    assert _on_cgroup(app) == _on_cgroup(plain) == set()
     assert _status(cluster)["in_sync"], _status(cluster)["reasons"]
 
-    cluster.write("pods", [objects.namespace("shop", labels=MESH), _pod_object(app)])
+    cluster.write("pods", [objects.namespace("shop", labels=MESH), *pods])
     _wait_for(lambda: _one(cluster, app).get("via") == "sidecar")
-    assert MESH_HOOKS <= _attached(cluster)
+    assert _on_cgroup(app) == POD_PROGRAMS, "the mesh's programs hang on the meshed pod"
+    assert _on_cgroup(plain) == set(), "a pod outside the mesh runs no mesh program"
     answers = http_requests(app, CLUSTER_IP, 80, count=10)
     assert all(a["original_dst"] == [CLUSTER_IP, 80] for a in answers), answers
+    assert all("via" not in a for a in http_requests(plain, CLUSTER_IP, 80, count=5))
     assert _status(cluster)["in_sync"], _status(cluster)["reasons"]
 
-    cluster.write("pods", [objects.namespace("shop"), _pod_object(app)])
+    cluster.write("pods", [objects.namespace("shop"), *pods])
     _wait_for(lambda: "via" not in _one(cluster, app))
-    _wait_for(lambda: not MESH_HOOKS & _attached(cluster), timeout=5.0)
+    _wait_for(lambda: _on_cgroup(app) == set(), timeout=5.0)
+    assert _pod_pins(cluster) == []
     assert _status(cluster)["in_sync"], _status(cluster)["reasons"]
     assert {a["backend"] for a in http_requests(app, CLUSTER_IP, 80, count=10)} <= {"web0", "web1"}
 
     # Meshed again, and the agent restarted while it is: the new agent keeps the programs.
-    cluster.write("pods", [objects.namespace("shop", labels=MESH), _pod_object(app)])
+    cluster.write("pods", [objects.namespace("shop", labels=MESH), *pods])
     _wait_for(lambda: _one(cluster, app).get("via") == "sidecar")
     cluster.kill_agent()
+    assert _one(cluster, app).get("via") == "sidecar", "the pinned links keep capturing without the agent"
     cluster.start_agent()
-    assert MESH_HOOKS <= _attached(cluster)
+    assert _on_cgroup(app) == POD_PROGRAMS
     assert _one(cluster, app)["original_dst"] == [CLUSTER_IP, 80]
+
+    # The pod goes away: its links go with it; uninstall leaves no pod link behind.
+    cluster.write("pods", [objects.namespace("shop", labels=MESH), objects.namespace("tools"), _pod_object(plain)])
+    _wait_for(lambda: _pod_pins(cluster) == [])
+    assert _on_cgroup(app) == set()
+    cluster.write("pods", [objects.namespace("shop", labels=MESH), *pods])
+    _wait_for(lambda: len(_pod_pins(cluster)) == len(POD_PROGRAMS))
+    cluster.kill_agent()
+    cluster.ctlb("uninstall")
+    assert _on_cgroup(app) == set()
+    assert not cluster.bpffs.exists() or _pod_pins(cluster) == []
 
 
 def test_excluded_ports_and_ranges_bypass_the_sidecar(cluster: Cluster) -> None:

@@ -105,7 +105,7 @@ def test_every_map_the_header_declares_is_known_to_python() -> None:
 def test_attach_types_match_the_kernel_uapi_numbers_bcc_carries() -> None:
     bcc = pytest.importorskip("bcc")
     kernel = bcc.BPFAttachType
-    assert {h.program: h.attach_type for h in programs.HOOKS} == {
+    assert {h.program: h.attach_type for h in (*programs.HOOKS, *programs.POD_HOOKS)} == {
         "ctlb_connect4": kernel.CGROUP_INET4_CONNECT,
         "ctlb_sendmsg4": kernel.CGROUP_UDP4_SENDMSG,
         "ctlb_recvmsg4": kernel.CGROUP_UDP4_RECVMSG,
@@ -117,6 +117,8 @@ def test_attach_types_match_the_kernel_uapi_numbers_bcc_carries() -> None:
         "ctlb_sockops": kernel.CGROUP_SOCK_OPS,
         "ctlb_getsockopt": kernel.CGROUP_GETSOCKOPT,
         "ctlb_egress": kernel.CGROUP_INET_EGRESS,
+        "ctlb_meshconn4": kernel.CGROUP_INET4_CONNECT,
+        "ctlb_meshconn6": kernel.CGROUP_INET6_CONNECT,
     }
 
 
@@ -131,7 +133,7 @@ def test_program_types_match_the_kernel_uapi_numbers_bcc_carries() -> None:
 
 def test_every_hook_names_an_entry_point_of_the_program_unit() -> None:
     source = programs.program_text(maps.bpf_source_dir()).decode()
-    for hook in programs.HOOKS:
+    for hook in (*programs.HOOKS, *programs.POD_HOOKS):
         assert re.search(rf"^int {hook.program}\(struct \w+ \*\w+\)", source, re.M), hook.program
         assert len(hook.program) <= 15, "kernel object names hold 15 characters"
 
