@@ -97,6 +97,10 @@ POD_HOOKS: tuple[Hook, ...] = (
 )
 POD_LINK_PREFIX = "link_pod_"  # + "<pod cgroup id>_<hook name>"
 
+# Link pins of node-wide hooks earlier versions attached: sock_ops and getsockopt, which now hang
+# on the meshed pods. Detached once this version's programs are attached, and by uninstall.
+LEGACY_LINKS: tuple[str, ...] = ("link_sockops", "link_getsockopt")
+
 
 def expected_hooks(*, egress: bool) -> tuple[Hook, ...]:
     """The hooks that must be attached: every one but the on-demand egress hook, and that one
@@ -249,6 +253,9 @@ def attach(cgroup_path: pathlib.Path, bpffs: pathlib.Path, prog_fds: dict[str, i
         if not hook.on_demand or (bpffs / hook.link_pin).exists():
             attach_hook(hook, cgroup_path, bpffs, prog_fds[hook.program])
     PodLinks(bpffs, prog_fds).swap_programs()
+    for name in LEGACY_LINKS:
+        if _detach_pin(bpffs / name):
+            log.info("legacy_link_detached", pin=name)
 
 
 def attach_hook(hook: Hook, cgroup_path: pathlib.Path, bpffs: pathlib.Path, prog_fd: int) -> None:
@@ -452,6 +459,7 @@ def remove_legacy_maps(bpffs: pathlib.Path) -> list[str]:
 def uninstall(bpffs: pathlib.Path) -> list[str]:
     """Detaches every program and removes every pin under `bpffs`. Returns what it removed."""
     removed = [hook.link_pin for hook in HOOKS if detach_hook(hook, bpffs)]
+    removed += [name for name in LEGACY_LINKS if _detach_pin(bpffs / name)]
     if bpffs.is_dir():
         for entry in sorted(bpffs.iterdir()):
             if entry.name.startswith(POD_LINK_PREFIX) and _detach_pin(entry):

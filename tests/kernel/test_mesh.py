@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ import time
 
 import pytest
 
+from ctlb.datapath import cgroup, programs
 from ctlb.lab import servers
 from tests.kernel import objects, sidecar
 from tests.kernel.clients import http_requests
@@ -146,7 +148,11 @@ def _attached(cluster: Cluster) -> set[str]:
 
 def _on_cgroup(pod) -> set[str]:
     """The programs attached to a pod's own cgroup (not inherited from above)."""
-    out = subprocess.run(["bpftool", "cgroup", "show", str(pod.pod_cgroup), "-j"],
+    return _on_cgroup_path(pod.pod_cgroup)
+
+
+def _on_cgroup_path(path) -> set[str]:
+    out = subprocess.run(["bpftool", "cgroup", "show", str(path), "-j"],
                          capture_output=True, text=True, check=True).stdout
     return {p["name"] for p in json.loads(out.strip() or "[]")}
 
@@ -204,6 +210,33 @@ def test_the_mesh_programs_are_attached_only_where_and_while_a_pod_is_meshed(clu
     cluster.ctlb("uninstall")
     assert _on_cgroup(app) == set()
     assert not cluster.bpffs.exists() or _pod_pins(cluster) == []
+
+
+def test_an_upgrade_detaches_the_node_wide_sock_ops_of_earlier_versions(cluster: Cluster) -> None:
+    backends = _backends(cluster)
+    app = cluster.lab.add_pod("app", namespace="shop")
+    sidecar.start(app)
+    cluster.write("web", _web(backends))
+    cluster.write("pods", [objects.namespace("shop", labels=MESH), _pod_object(app)])
+    cluster.start_agent()
+    cluster.kill_agent()
+    # What an earlier version left: sock_ops and getsockopt linked on the node-wide cgroup.
+    bpf, fds = programs.compile_and_load(cluster.bpffs, programs.MapSizes())
+    root = cluster.lab.cgroup_root
+    cg_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for hook in programs.POD_HOOKS[2:]:
+            programs._attach_one(hook, cg_fd, cgroup.cgroup_id(root), cluster.bpffs / f"link_{hook.name}",
+                                 fds[hook.program])
+    finally:
+        os.close(cg_fd)
+        bpf.cleanup()
+    assert {"ctlb_sockops", "ctlb_getsockopt"} <= _on_cgroup_path(root)
+
+    cluster.start_agent()
+    assert not {"ctlb_sockops", "ctlb_getsockopt"} & _on_cgroup_path(root)
+    assert not (cluster.bpffs / "link_sockops").exists() and not (cluster.bpffs / "link_getsockopt").exists()
+    assert _one(cluster, app)["original_dst"] == [CLUSTER_IP, 80]
 
 
 def test_excluded_ports_and_ranges_bypass_the_sidecar(cluster: Cluster) -> None:
