@@ -31,6 +31,7 @@ class Status:
     in_sync: bool
     reasons: list[str] = field(default_factory=list)  # why not in sync
     attached: list[dict[str, object]] = field(default_factory=list)
+    attached_to_pods: list[dict[str, object]] = field(default_factory=list)  # the mesh's, per meshed pod
     maps: list[dict[str, object]] = field(default_factory=list)
     frontends: int = 0
     backends: int = 0
@@ -48,6 +49,8 @@ def collect(args: argparse.Namespace) -> Status:
     else:
         st.attached = [{"hook": a.hook, "program": a.program, "prog_id": a.prog_id, "cgroup_id": a.cgroup_id}
                        for a in found.attachments]
+        st.attached_to_pods = [{"hook": a.hook, "program": a.program, "prog_id": a.prog_id,
+                                "cgroup_id": a.cgroup_id} for a in found.pod_attachments]
         st.maps = [{"map": f.name, "entries": f.entries, "max_entries": f.max_entries} for f in found.fill]
         st.frontends = len(found.programmed.frontends)
         st.backends = sum(len(b) for b in found.programmed.sets.values())
@@ -118,10 +121,11 @@ def render(st: Status) -> str:
         if waiting:
             out.append(f"  - no cgroup found yet for: {', '.join(str(w) for w in waiting)}")
     out += _render_health(st.agent.get("health") if st.agent else None)
-    if st.attached:
-        out += ["", common.table(["HOOK", "PROGRAM", "PROG ID", "CGROUP ID"],
-                                 [[str(a["hook"]), str(a["program"]), str(a["prog_id"]), str(a["cgroup_id"])]
-                                  for a in st.attached])]
+    if st.attached or st.attached_to_pods:
+        rows = [[str(a["hook"]), str(a["program"]), str(a["prog_id"]), str(a["cgroup_id"])] for a in st.attached]
+        rows += [[f"{a['hook']} (pod)", str(a["program"]), str(a["prog_id"]), str(a["cgroup_id"])]
+                 for a in st.attached_to_pods]
+        out += ["", common.table(["HOOK", "PROGRAM", "PROG ID", "CGROUP ID"], rows)]
     if st.maps:
         out += ["", common.table(["MAP", "ENTRIES", "MAX", "FILL"],
                                  [[str(m["map"]), str(m["entries"]), str(m["max_entries"]),

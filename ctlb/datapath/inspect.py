@@ -23,6 +23,7 @@ class MapFill:
 @dataclass(frozen=True, slots=True)
 class Inspection:
     attachments: list[programs.Attachment]
+    pod_attachments: list[programs.Attachment]  # the mesh's programs, on meshed pods' cgroups
     programmed: reconcile.Programmed
     fill: list[MapFill]
 
@@ -47,7 +48,8 @@ def inspect(bpffs: pathlib.Path) -> Inspection | None:
     finally:
         for m in pinned.values():
             m.close()
-    return Inspection(attachments=programs.attachments(bpffs), programmed=programmed, fill=fill)
+    return Inspection(attachments=programs.attachments(bpffs), pod_attachments=programs.pod_attachments(bpffs),
+                      programmed=programmed, fill=fill)
 
 
 def _fill(m: maps.PinnedMap) -> MapFill:

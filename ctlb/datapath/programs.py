@@ -427,20 +427,29 @@ def _open_link(pin: pathlib.Path) -> int | None:
 
 
 def attachments(bpffs: pathlib.Path) -> list[Attachment]:
-    """The programs attached through ctlb's pinned links."""
-    found: list[Attachment] = []
-    for hook in HOOKS:
-        fd = _open_link(bpffs / hook.link_pin)
-        if fd is None:
-            continue
-        try:
-            info = libbpf.link_info(fd)
-        finally:
-            os.close(fd)
-        name = libbpf.prog_name(info.prog_id) if info.prog_id else ""
-        found.append(Attachment(hook=hook.name, program=name,
-                                prog_id=info.prog_id, cgroup_id=info.cgroup_id))
-    return found
+    """The programs attached through ctlb's pinned links to the cgroup it serves."""
+    found = (_attachment(hook.name, bpffs / hook.link_pin) for hook in HOOKS)
+    return [a for a in found if a is not None]
+
+
+def pod_attachments(bpffs: pathlib.Path) -> list[Attachment]:
+    """The mesh's programs attached to meshed pods' cgroups (`PodLinks`). A link whose pod
+    cgroup is gone shows cgroup id 0 until the agent removes it."""
+    pins = sorted(bpffs.glob(POD_LINK_PREFIX + "*")) if bpffs.is_dir() else []
+    found = (_attachment(pin.name.removeprefix(POD_LINK_PREFIX).split("_", 1)[1], pin) for pin in pins)
+    return [a for a in found if a is not None]
+
+
+def _attachment(hook: str, pin: pathlib.Path) -> Attachment | None:
+    fd = _open_link(pin)
+    if fd is None:
+        return None
+    try:
+        info = libbpf.link_info(fd)
+    finally:
+        os.close(fd)
+    name = libbpf.prog_name(info.prog_id) if info.prog_id else ""
+    return Attachment(hook=hook, program=name, prog_id=info.prog_id, cgroup_id=info.cgroup_id)
 
 
 def remove_legacy_maps(bpffs: pathlib.Path) -> list[str]:

@@ -179,6 +179,9 @@ def test_the_mesh_programs_are_attached_only_where_and_while_a_pod_is_meshed(clu
     _wait_for(lambda: _one(cluster, app).get("via") == "sidecar")
     assert _on_cgroup(app) == POD_PROGRAMS, "the mesh's programs hang on the meshed pod"
     assert _on_cgroup(plain) == set(), "a pod outside the mesh runs no mesh program"
+    on_pods = _status(cluster)["attached_to_pods"]
+    assert {a["program"] for a in on_pods} == POD_PROGRAMS, "ctlb status shows them"
+    assert {a["cgroup_id"] for a in on_pods} == {app.pod_cgroup.stat().st_ino}
     answers = http_requests(app, CLUSTER_IP, 80, count=10)
     assert all(a["original_dst"] == [CLUSTER_IP, 80] for a in answers), answers
     assert all("via" not in a for a in http_requests(plain, CLUSTER_IP, 80, count=5))
