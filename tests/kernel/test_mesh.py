@@ -50,6 +50,18 @@ def _pod_object(pod, *, annotations: dict[str, str] | None = None) -> dict:
     return objects.pod(pod.name, uid=pod.uid, ips=ips, namespace=pod.namespace, annotations=annotations)
 
 
+def _meshed_app(cluster: Cluster) -> object:
+    """Two web backends behind the Service, and pod `app` with its sidecar in a meshed
+    namespace, served by a started agent."""
+    backends = _backends(cluster)
+    app = cluster.lab.add_pod("app", namespace="shop")
+    sidecar.start(app)
+    cluster.write("web", _web(backends))
+    cluster.write("pods", [objects.namespace("shop", labels=MESH), _pod_object(app)])
+    cluster.start_agent()
+    return app
+
+
 def _one(cluster: Cluster, client, host: str = CLUSTER_IP, port: int = 80) -> dict:
     return http_requests(client, host, port)[0]
 
@@ -216,12 +228,7 @@ def test_the_mesh_programs_are_attached_only_where_and_while_a_pod_is_meshed(clu
 
 
 def test_an_upgrade_detaches_the_node_wide_sock_ops_of_earlier_versions(cluster: Cluster) -> None:
-    backends = _backends(cluster)
-    app = cluster.lab.add_pod("app", namespace="shop")
-    sidecar.start(app)
-    cluster.write("web", _web(backends))
-    cluster.write("pods", [objects.namespace("shop", labels=MESH), _pod_object(app)])
-    cluster.start_agent()
+    app = _meshed_app(cluster)
     cluster.kill_agent()
     # What an earlier version left: sock_ops and getsockopt linked on the node-wide cgroup.
     bpf, fds = programs.compile_and_load(cluster.bpffs, programs.MapSizes())
@@ -390,12 +397,7 @@ _OPEN_THEN_ASK = textwrap.dedent("""
 
 
 def test_a_flip_changes_new_connections_only(cluster: Cluster) -> None:
-    backends = _backends(cluster)
-    app = cluster.lab.add_pod("app", namespace="shop")
-    sidecar.start(app)
-    cluster.write("web", _web(backends))
-    cluster.write("pods", [objects.namespace("shop", labels=MESH), _pod_object(app)])
-    cluster.start_agent()
+    app = _meshed_app(cluster)
 
     held = app.popen([sys.executable, "-c", _OPEN_THEN_ASK.format(host=CLUSTER_IP)], stdin=subprocess.PIPE,
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
