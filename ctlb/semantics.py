@@ -130,7 +130,8 @@ def _frontends(
     ):
         if model.family_of(address) == family:
             frontends.setdefault(desired.Frontend(address, port_number, port.protocol), kind)
-    return dict(sorted(frontends.items()))
+    # One frontend (a ClusterIP Service's, per family) is in order already: nothing to sort.
+    return frontends if len(frontends) < 2 else dict(sorted(frontends.items()))
 
 
 _FrontendRow = tuple[model.IPAddress, int, desired.FrontendKind]
