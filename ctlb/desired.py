@@ -33,6 +33,15 @@ class Frontend:
     address: model.IPAddress
     port: int
     protocol: model.Protocol
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.address, self.port, self.protocol)))
+
+    def __hash__(self) -> int:
+        # Computed once: a frontend keys the planner's claims, the reconciler's shadow and the
+        # tables' slots, and is hashed ten times over at start-up (an address hashes as text).
+        return self._hash
 
     def sort_key(self) -> tuple[tuple[int, int], int, str]:
         """The order of frontends, as a key: sorting by it calls no Python per comparison."""
@@ -70,6 +79,15 @@ class ServicePortName:
     port: str  # the Service port's name, "" when unnamed
     protocol: model.Protocol
     family: model.IPFamily
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.namespace, self.name, self.port, self.protocol, self.family)))
+
+    def __hash__(self) -> int:
+        # Computed once: a name keys the planner's, the reconciler's and the agent's maps, and
+        # is hashed about fifteen times over at start-up.
+        return self._hash
 
     def __str__(self) -> str:
         port = f":{self.port}" if self.port else ""

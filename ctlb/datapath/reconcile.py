@@ -46,7 +46,7 @@ _ID_MAX = (1 << 32) - 1
 
 # The order of service-port names (their dataclass order: field by field), as a sort key, so that
 # sorting 10k names calls no Python per comparison.
-_NAME_ORDER = operator.attrgetter(*(f.name for f in dataclasses.fields(desired.ServicePortName)))
+_NAME_ORDER = operator.attrgetter(*(f.name for f in dataclasses.fields(desired.ServicePortName) if f.compare))
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,8 +86,8 @@ def service_port_peers(sp: desired.ServicePortState | None) -> set[Peer]:
     """The peers sockets of a service port can be pinned to: every backend of a UDP service
     port; the drop address at the port of each frontend that drops, or may drop a client outside
     its source ranges."""
-    if sp is None:
-        return set()
+    if sp is None or (sp.name.protocol is not model.Protocol.UDP and not sp.drop and not sp.source_ranges):
+        return set()  # a TCP service port that neither drops nor gates (nearly all): no group can pin
     peers: set[Peer] = set()
     for group in sp.frontend_groups():
         if sp.name.protocol is model.Protocol.UDP:
@@ -129,6 +129,8 @@ class PinnedPeers:
         for name, previous in moved.items():
             old = service_port_peers(previous)
             new = service_port_peers(current.get(name))
+            if old == new:
+                continue  # nearly always (both empty): the counter's update costs at 10k service ports
             self._count.update(new - old)
             self._count.subtract(old - new)
             left |= old - new

@@ -373,9 +373,8 @@ class _ListWatch:
         # parsed field by field, which names what is wrong with them.
         obj = kubeobjects.parse_json_common(item, kind=self.resource.kind, api_version=self.resource.api_version)
         if obj is not None:
-            key = store_.key_of(obj)
+            key = self._store.put(obj)
             seen.add(key)
-            self._store.put(obj)
             self._clear_problem(key)
             return
         raw = self._typed(json.loads(bytes(item)))

@@ -56,19 +56,24 @@ class ObjectStore:
 
     # --- writers ------------------------------------------------------------------------------
 
-    def put(self, obj: model.KubeObject) -> None:
-        """Adds or replaces an object; a value equal to the one held changes nothing."""
+    def put(self, obj: model.KubeObject) -> Key:
+        """Adds or replaces an object; a value equal to the one held changes nothing.
+
+        Returns:
+            The object's key, which a source that lists needs too (made once: 20k objects).
+        """
         key = key_of(obj)
         with self._lock:
             old = self._objects[key[0]].get(key)
-            if old == obj:
-                return
+            if old is not None and old == obj:
+                return key
             self._note(key, old)
             self._objects[key[0]][key] = obj
             if old is not None and isinstance(old, model.EndpointSlice):
                 self._unindex(old)
             if isinstance(obj, model.EndpointSlice):
                 self._slices[(obj.namespace, obj.service_name)][obj.name] = obj
+        return key
 
     def delete(self, key: Key) -> None:
         with self._lock:
