@@ -710,10 +710,9 @@ class Reconciler:
         assert batch is not None
         failed: dict[desired.ServicePortName, errors.MapFull] = {}
         for fam, t in self._tables.items():
-            slots = [(start + i, tables.BackendSlot(set_id, backend), owner)
-                     for (f, set_id), (start, backends, owner) in batch.sets.items() if f == fam
-                     for i, backend in enumerate(backends)]
-            self._write_batch(t.backends, slots, failed)
+            sets = [(start, set_id, backends, owner)
+                    for (f, set_id), (start, backends, owner) in batch.sets.items() if f == fam]
+            self._write_sets(t.backends, sets, failed)
         for fam, t in self._tables.items():
             members = [(key, True, owner) for key, owner in batch.members.items()
                        if key.backend.address.version == fam]
@@ -728,6 +727,20 @@ class Reconciler:
             self._applied.pop(name, None)
         for t in self._tables.values():
             t.frontends.flush()
+
+    def _write_sets(self, table: tables.BackendTable,
+                    sets: list[tuple[int, int, tuple[desired.Backend, ...], desired.ServicePortName]],
+                    failed: dict[desired.ServicePortName, errors.MapFull]) -> None:
+        """Writes the pass's backend sets (first slot, set id, backends, owner) in batches, packed
+        straight from the backends. Should the kernel stop part way, the slots from there on go
+        through `_write_batch`, which finds whose write failed."""
+        done = table.put_sets([(start, set_id, backends) for start, set_id, backends, _ in sets])
+        self._writes += done
+        if done == sum(len(backends) for _, _, backends, _ in sets):
+            return
+        slots = [(start + i, tables.BackendSlot(set_id, backend), owner)
+                 for start, set_id, backends, owner in sets for i, backend in enumerate(backends)]
+        self._write_batch(table, slots[done:], failed)
 
     def _write_batch(self, table: tables.Table, items: list[tuple[object, object, desired.ServicePortName]],
                      failed: dict[desired.ServicePortName, errors.MapFull]) -> list[object]:

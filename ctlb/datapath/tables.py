@@ -114,6 +114,17 @@ class FrontendTable(Table[desired.Frontend, FrontendValue], Protocol):
         ...
 
 
+# A backend set to write: its first slot, its id, its backends (one a slot, in order).
+SetWrite = tuple[int, int, tuple[desired.Backend, ...]]
+
+
+class BackendTable(Table[int, BackendSlot], Protocol):
+    def put_sets(self, sets: Sequence[SetWrite]) -> int:
+        """Writes every slot of `sets`, set after set, as `put_many` would write them as
+        (index, BackendSlot) items, and returns how many slots were written as it does."""
+        ...
+
+
 class ArrayMap(Protocol):
     """An ARRAY map as `maps.PinnedMap` exposes it (a unit test may pass a stand-in)."""
 
@@ -243,6 +254,11 @@ class MemoryTable(Generic[K, V]):
                 return done
         return len(items)
 
+    def put_sets(self: MemoryTable[int, BackendSlot], sets: Sequence[SetWrite]) -> int:
+        """BackendTable.put_sets, for a table of backend slots."""
+        return self.put_many([(start + i, BackendSlot(set_id, backend))
+                              for start, set_id, backends in sets for i, backend in enumerate(backends)])
+
     def room_for(self, keys: Iterable[K]) -> bool:
         new = {k for k in keys if k not in self.data and k not in self.pending}
         return len(self.data) + len(self.pending) + len(new) <= self.max_entries
@@ -266,7 +282,7 @@ class FamilyTables:
     """The three tables the reconciler writes, for one address family."""
 
     frontends: FrontendTable
-    backends: Table[int, BackendSlot]  # slot index -> the set it belongs to and its backend
+    backends: BackendTable  # slot index -> the set it belongs to and its backend
     members: Table[MemberKey, bool]
     source_ranges: Table[SourceRangeKey, bool]
 
@@ -291,6 +307,19 @@ def _encode_fe_key(raw: ct.Structure, fe: desired.Frontend, state: int) -> None:
     raw.port = netorder.be16(fe.port)
     raw.proto = PROTO_NUMBERS[fe.protocol]
     raw.state = state
+
+
+def _fe_key_packer(key_type: type) -> struct.Struct:
+    """A packer of (address bytes, port bytes, protocol, state) into a frontend key: the bytes
+    `_encode_fe_key` writes."""
+    return _packer(key_type, {"addr": "s", "port": "s", "proto": "B", "state": "B"})
+
+
+def _fe_value_packer(value_type: type) -> struct.Struct:
+    """A packer of a frontend value's fields, in the header's order: the bytes `_encode_fe_value`
+    writes."""
+    return _packer(value_type, dict.fromkeys(("svc_id", "set_id", "set_start", "count", "affinity_timeout", "flags"),
+                                              "I"))
 
 
 def _decode_fe_key(raw: ct.Structure, family: int) -> desired.Frontend:
@@ -320,6 +349,34 @@ def field_bytes(leaf: type, *path: str) -> tuple[int, int]:
     return offset, ct.sizeof(typ)
 
 
+def _packer(ctype: type, codes: dict[str, str]) -> struct.Struct:
+    """A `struct.Struct` that packs the fields of `ctype` named in `codes`, given in the order the
+    type declares them, at the offsets and sizes bcc's type gives (a layout the header defines);
+    any other byte is zero. Code "s" takes bytes of the field's size (a network-order field,
+    an address array); any other code a native integer of the field's size.
+
+    Raises:
+        ValueError: the type has fields `codes` does not name, in another order, or a field whose
+            size the code does not fit.
+    """
+    names = [name for name, _ in ctype._fields_ if not name.startswith("pad")]
+    if names != list(codes):
+        raise ValueError(f"layout {ctype.__name__} has fields {names}, the packer knows {list(codes)}")
+    fmt, at = "=", 0
+    for name, code in codes.items():
+        offset, size = field_bytes(ctype, name)
+        if offset < at or (code != "s" and struct.calcsize("=" + code) != size):
+            raise ValueError(f"layout {ctype.__name__}: field {name} does not pack as {code}")
+        fmt += f"{offset - at}x" if offset > at else ""
+        fmt += f"{size}s" if code == "s" else code
+        at = offset + size
+    fmt += f"{ct.sizeof(ctype) - at}x" if ct.sizeof(ctype) > at else ""
+    packed = struct.Struct(fmt)
+    if packed.size != ct.sizeof(ctype):
+        raise ValueError(f"layout {ctype.__name__} does not pack as {fmt}")
+    return packed
+
+
 class KernelFrontendTable:
     """Frontends in an ARRAY map laid out as an open-addressed hash table (bpf/ctlb.h).
 
@@ -338,12 +395,17 @@ class KernelFrontendTable:
         self.max_entries = self.slots // 2
         self._leaf = array.layout.leaf
         self._key_type: type = dict(self._leaf._fields_)["key"]
+        # Keys and values packed by `struct`, at the offsets of bcc's types (`_fe_key_packer`,
+        # `_fe_value_packer`): a start from empty encodes 10k of each, which setting ctypes
+        # fields one by one made several times slower.
+        self._pack_key = _fe_key_packer(self._key_type).pack
+        self._pack_value = _fe_value_packer(dict(self._leaf._fields_)["val"]._type_).pack
         self._image: dict[int, ct.Structure] = {}  # every slot that is not EMPTY
         self._where: dict[desired.Frontend, int] = {}
         self._state = bytearray(self.slots)
-        # Frontends `put_later` added, with their chosen slot and encoded key (state USED),
-        # until `flush` writes them.
-        self._pending: dict[desired.Frontend, tuple[int, FrontendValue, ct.Structure]] = {}
+        # Frontends `put_later` added, with their chosen slot and key bytes (state USED), until
+        # `flush` writes them.
+        self._pending: dict[desired.Frontend, tuple[int, FrontendValue, bytes]] = {}
         self._pending_slots: set[int] = set()
         self._load()
 
@@ -366,21 +428,17 @@ class KernelFrontendTable:
     def home(self, fe: desired.Frontend) -> int:
         return self._home_of(self._used_key(fe))
 
-    def _used_key(self, fe: desired.Frontend) -> ct.Structure:
-        key = self._key_type()
-        _encode_fe_key(key, fe, SLOT_USED)
-        return key
+    def _used_key(self, fe: desired.Frontend) -> bytes:
+        """The key's bytes in state USED: what bpf/sock.c hashes and compares."""
+        return self._pack_key(fe.address.packed, fe.port.to_bytes(2, "big"), PROTO_NUMBERS[fe.protocol], SLOT_USED)
 
-    def _home_of(self, key: ct.Structure) -> int:
-        return scale32(key_hash(bytes(key)), self.slots)
-
-    def _window(self, fe: desired.Frontend, home: int | None = None) -> Iterator[int]:
-        home = self.home(fe) if home is None else home
-        for i in range(min(FE_PROBES, self.slots)):
-            yield (home + i) % self.slots
+    def _home_of(self, key: bytes) -> int:
+        return scale32(key_hash(key), self.slots)
 
     def _free_slot(self, fe: desired.Frontend, taken: Collection[int] = (), *, home: int | None = None) -> int | None:
-        for idx in self._window(fe, home):
+        home = self.home(fe) if home is None else home
+        for i in range(min(FE_PROBES, self.slots)):  # the probe window, as bpf/sock.c walks it
+            idx = (home + i) % self.slots
             if self._state[idx] != SLOT_USED and idx not in taken and idx not in self._pending_slots:
                 return idx
         return None
@@ -472,32 +530,45 @@ class KernelFrontendTable:
             return
         order = sorted(self._pending.items(), key=lambda item: item[1][0])
         keys = (ct.c_uint32 * len(order))(*(idx for _, (idx, _, _) in order))
-        leaves = (self._leaf * len(order))()
-        for i, (_, (idx, value, key)) in enumerate(order):
-            raw = leaves[i]
-            if idx in self._image:  # a TOMB slot reused: keep its gen, as `_insert` does
-                ct.pointer(raw)[0] = self._image[idx]
-            raw.key = key
-            raw.key.state = SLOT_TOMB
-            _encode_fe_value(value, raw.val[0])
-            raw.val[1] = raw.val[0]
-        self._write_many(keys, leaves)
-        used = type(leaves).from_buffer_copy(leaves)
-        for i in range(len(order)):
-            used[i].key.state = SLOT_USED
-        self._write_many(keys, used)
+        tomb = self._tomb_slots([held for _, held in order])
+        self._write_many(keys, (self._leaf * len(order)).from_buffer(tomb), SLOT_TOMB)
+        used = bytearray(tomb)
+        state_at, _ = field_bytes(self._leaf, "key", "state")
+        used[state_at::ct.sizeof(self._leaf)] = bytes((SLOT_USED,)) * len(order)
+        self._write_many(keys, (self._leaf * len(order)).from_buffer(used), SLOT_USED)
         for fe, (idx, _, _) in order:
             self._where[fe] = idx
         self._pending.clear()
         self._pending_slots.clear()
 
-    def _write_many(self, keys: ct.Array, leaves: ct.Array) -> None:
-        """`_write` for every slot, in one batch; should the kernel stop part way, the rest go
-        one at a time, so the slot that fails raises its own error."""
+    def _tomb_slots(self, pending: Sequence[tuple[int, FrontendValue, bytes]]) -> bytearray:
+        """The first step of `flush` for each pending frontend, slot after slot: the slot as it
+        is (a TOMB slot reused keeps its gen, as `_insert` does), with the key under state TOMB
+        and the value in both copies."""
+        size = ct.sizeof(self._leaf)
+        key_at, key_size = field_bytes(self._leaf, "key")
+        state_at, _ = field_bytes(self._leaf, "key", "state")
+        val_at, val_size = field_bytes(self._leaf, "val")
+        copies = dict(self._leaf._fields_)["val"]._length_  # both copies: readers use either
+        out = bytearray(size * len(pending))
+        for i, (idx, value, key) in enumerate(pending):
+            at = i * size
+            image = self._image.get(idx)
+            if image is not None:
+                out[at:at + size] = bytes(image)
+            out[at + key_at:at + key_at + key_size] = key
+            out[at + state_at] = SLOT_TOMB
+            packed = self._pack_value(value.svc_id, value.set_id, value.start, value.count,
+                                      value.affinity_timeout, value.flags)
+            out[at + val_at:at + val_at + val_size] = packed * copies
+        return out
+
+    def _write_many(self, keys: ct.Array, leaves: ct.Array, state: int) -> None:
+        """`_write` for every slot (each in `state`), in one batch; should the kernel stop part
+        way, the rest go one at a time, so the slot that fails raises its own error."""
         done, _ = self.array.put_batch(keys, leaves, len(keys))
-        for i in range(done):
-            idx, raw = keys[i], leaves[i]
-            self._state[idx] = raw.key.state
+        for idx, raw in zip(keys[:done], leaves[:done]):  # slices: one C call each, not 2 x 10k
+            self._state[idx] = state
             self._image[idx] = raw
         for i in range(done, len(keys)):
             self._write(keys[i], leaves[i])
@@ -596,7 +667,6 @@ class KernelBackendTable:
             raise _map_full(self.name, self.max_entries, exc) from exc
 
     def put_many(self, items: Sequence[tuple[int, BackendSlot]]) -> int:
-        keys = (ct.c_uint32 * len(items))(*(idx for idx, _ in items))
         # Packed into one buffer (what `_encode_backend` writes, at the same offsets): at 40k
         # slots, half the time of setting each field through ctypes.
         size, pack = ct.sizeof(self._leaf), self._packer.pack_into
@@ -604,8 +674,28 @@ class KernelBackendTable:
         for i, (_, slot) in enumerate(items):
             backend = slot.backend
             pack(buf, i * size, backend.address.packed, backend.port.to_bytes(2, "big"), slot.set_id)
-        leaves = (self._leaf * len(items)).from_buffer(buf)
-        done, _ = self.array.put_batch(keys, leaves, len(items))  # why it stopped: see Table.put_many
+        return self._put_packed([idx for idx, _ in items], buf)
+
+    def put_sets(self, sets: Sequence[SetWrite]) -> int:
+        # Packed straight from each set's backends: a start from empty writes 40k slots, and
+        # making a BackendSlot for each first cost as much again as packing them.
+        size, pack = ct.sizeof(self._leaf), self._packer.pack_into
+        indices: list[int] = []
+        for start, _, backends in sets:
+            indices += range(start, start + len(backends))
+        buf = bytearray(size * len(indices))
+        at = 0
+        for _, set_id, backends in sets:
+            for backend in backends:
+                pack(buf, at, backend.address.packed, backend.port.to_bytes(2, "big"), set_id)
+                at += size
+        return self._put_packed(indices, buf)
+
+    def _put_packed(self, indices: Sequence[int], packed: bytearray) -> int:
+        """Writes packed slots to `indices` in one batch; how many were written."""
+        keys = (ct.c_uint32 * len(indices))(*indices)
+        leaves = (self._leaf * len(indices)).from_buffer(packed)
+        done, _ = self.array.put_batch(keys, leaves, len(indices))  # why it stopped: see Table.put_many
         return done
 
     def delete(self, idx: int) -> bool:
@@ -627,24 +717,9 @@ class KernelBackendTable:
 
 
 def _backend_packer(leaf: type) -> struct.Struct:
-    """A packer of (address bytes, port bytes, set id) into a backend slot, at the offsets and
-    sizes bcc's type gives those fields (a layout the header defines; any other byte is zero).
-    Addresses and ports go in as network-order bytes, which is what the __be fields hold."""
-    fields = sorted((*field_bytes(leaf, name), code)
-                    for name, code in (("addr", "s"), ("port", "s"), ("set_id", "I")))
-    fmt, at = "=", 0
-    for offset, size, code in fields:
-        fmt += f"{offset - at}x" if offset > at else ""
-        fmt += f"{size}s" if code == "s" else code
-        at = offset + size
-    fmt += f"{ct.sizeof(leaf) - at}x" if ct.sizeof(leaf) > at else ""
-    packer = struct.Struct(fmt)
-    if packer.size != ct.sizeof(leaf):
-        raise ValueError(f"backend layout {leaf.__name__} does not pack as {fmt}")
-    # The pack arguments come in this order: the fields must lie in it, and be all there is.
-    if [name for name, _ in leaf._fields_ if not name.startswith("pad")] != ["addr", "port", "set_id"]:
-        raise ValueError(f"backend layout {leaf.__name__} has fields the packer does not know")
-    return packer
+    """A packer of (address bytes, port bytes, set id) into a backend slot. Addresses and ports
+    go in as network-order bytes, which is what the __be fields hold."""
+    return _packer(leaf, {"addr": "s", "port": "s", "set_id": "I"})
 
 
 def _encode_backend(slot: BackendSlot, raw: ct.Structure) -> None:

@@ -7,6 +7,7 @@ import ctypes as ct
 import dataclasses
 import ipaddress
 import random
+import sys
 
 import pytest
 
@@ -725,6 +726,101 @@ def test_backend_slots_written_in_a_batch_are_the_bytes_one_slot_at_a_time_write
         table.put(idx, slot)
     assert [bytes(e) for e in array.elems[:4]] == batched
     assert [table.get(idx) for idx, _ in slots] == [slot for _, slot in slots]
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_backend_sets_written_whole_are_the_bytes_their_slots_written_one_by_one_are(layouts, family: int) -> None:
+    from ctlb.datapath import maps
+
+    base = "fd00:10:244::" if family == 6 else "10.244.0."
+    sets = [(1, 7, (be(f"{base}2", 8080), be(f"{base}3", 9090))), (5, 8, (be(f"{base}4", 65535),)), (3, 9, ())]
+    by_set = FakeArray(maps.BACKENDS[family], layouts[maps.BACKENDS[family]], 8)
+    by_slot = FakeArray(maps.BACKENDS[family], layouts[maps.BACKENDS[family]], 8)
+    assert tables.KernelBackendTable(by_set, family).put_sets(sets) == 3
+    one_by_one = tables.KernelBackendTable(by_slot, family)
+    for start, set_id, backends in sets:
+        for i, backend in enumerate(backends):
+            one_by_one.put(start + i, tables.BackendSlot(set_id, backend))
+    assert [bytes(e) for e in by_set.elems] == [bytes(e) for e in by_slot.elems]
+    assert [i for i, _, _ in by_set.journal] == [1, 2, 5], "slot after slot, set after set"
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("protocol", list(model.Protocol))
+@pytest.mark.parametrize("state", [tables.SLOT_EMPTY, tables.SLOT_USED, tables.SLOT_TOMB])
+def test_a_packed_frontend_key_is_the_bytes_the_ctypes_encoder_writes(layouts, family: int,
+                                                                       protocol: model.Protocol, state: int) -> None:
+    from ctlb.datapath import maps
+
+    key_type = dict(layouts[maps.FRONTENDS[family]].leaf._fields_)["key"]
+    frontend = desired.Frontend(ipaddress.ip_address("fd00::a:1" if family == 6 else "10.96.1.2"), 8443, protocol)
+    want = key_type()
+    tables._encode_fe_key(want, frontend, state)
+    packed = tables._fe_key_packer(key_type).pack(frontend.address.packed, frontend.port.to_bytes(2, "big"),
+                                                  tables.PROTO_NUMBERS[protocol], state)
+    assert packed == bytes(want)
+
+
+@pytest.mark.parametrize("value", [
+    tables.FrontendValue(svc_id=1, set_id=2, count=3, affinity_timeout=10800, flags=tables.LB_F_AFFINITY, start=40),
+    tables.FrontendValue(svc_id=(1 << 32) - 1, set_id=(1 << 32) - 2, count=0, flags=tables.LB_F_DROP, start=0),
+], ids=["affinity", "largest-ids-dropping"])
+def test_a_packed_frontend_value_is_the_bytes_the_ctypes_encoder_writes(layouts, value: tables.FrontendValue) -> None:
+    from ctlb.datapath import maps
+
+    value_type = dict(layouts[maps.FRONTENDS[4]].leaf._fields_)["val"]._type_
+    want = value_type()
+    tables._encode_fe_value(value, want)
+    packed = tables._fe_value_packer(value_type).pack(value.svc_id, value.set_id, value.start, value.count,
+                                                      value.affinity_timeout, value.flags)
+    assert packed == bytes(want)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_frontends_flushed_in_a_batch_leave_the_bytes_one_put_at_a_time_leaves(layouts, family: int) -> None:
+    """Slot by slot, including a tombstone reused (its gen kept) and the two steps of each."""
+    from ctlb.datapath import maps
+
+    layout = layouts[maps.FRONTENDS[family]]
+    base = "fd00::" if family == 6 else "10.96.0."
+    batched = tables.KernelFrontendTable(FakeArray(maps.FRONTENDS[family], layout, 32), family)
+    one_by_one = tables.KernelFrontendTable(FakeArray(maps.FRONTENDS[family], layout, 32), family)
+    gone = fe(f"{base}1")
+    neighbour = next(f for f in (fe(f"{base}{i}") for i in range(100, 200)) if batched.home(f) == batched.home(gone))
+    for table in (batched, one_by_one):  # a tombstone with a flipped gen, from an earlier life
+        table.put(gone, fev(1))
+        table.put(gone, fev(2))
+        table.put(neighbour, fev(9))
+        table.delete(gone)
+    tomb = batched.home(gone)
+    assert batched.array.elems[tomb].key.state == tables.SLOT_TOMB and batched.array.elems[tomb].gen == 1
+    start = len(batched.array.journal)
+    wanted = {fe(f"{base}{i}"): fev(i) for i in range(1, 8)}
+    for frontend, value in sorted(wanted.items(), key=lambda item: batched.home(item[0])):
+        batched.put_later(frontend, value)
+    batched.flush()
+    for frontend, value in sorted(wanted.items(), key=lambda item: one_by_one.home(item[0])):
+        one_by_one.put(frontend, value)
+    assert batched.slot_of(gone) == tomb and batched.array.elems[tomb].gen == 1
+    assert [bytes(e) for e in batched.array.elems] == [bytes(e) for e in one_by_one.array.elems]
+    steps = sorted(batched.array.journal[start:])
+    assert steps == sorted(one_by_one.array.journal[start:]), "the same two writes a slot"
+
+
+def test_a_packer_puts_each_field_at_its_offset_and_refuses_a_layout_it_does_not_know() -> None:
+    class Slot(ct.Structure):
+        _fields_ = [("addr", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16), ("set_id", ct.c_uint32)]
+
+    want = Slot(addr=int.from_bytes(b"\x0a\0\0\1", sys.byteorder), port=int.from_bytes(b"\0\x50", sys.byteorder),
+                set_id=7)
+    assert tables._packer(Slot, {"addr": "s", "port": "s", "set_id": "I"}).pack(b"\x0a\0\0\1", b"\0\x50", 7) == \
+        bytes(want)
+    with pytest.raises(ValueError, match="fields"):
+        tables._packer(Slot, {"addr": "s", "set_id": "I"})
+    with pytest.raises(ValueError, match="fields"):
+        tables._packer(Slot, {"port": "s", "addr": "s", "set_id": "I"})
+    with pytest.raises(ValueError, match="set_id"):
+        tables._packer(Slot, {"addr": "s", "port": "s", "set_id": "Q"})
 
 
 @pytest.mark.parametrize("port", [
