@@ -663,6 +663,8 @@ class Reconciler:
 
     def _add_source_ranges(self, fam: int, svc_id: int, ranges: Collection[desired.SourceRange]) -> None:
         """Writes the ranges the service port's frontends are about to rely on."""
+        if not ranges:
+            return  # most service ports: nothing to look up (10k set differences at start-up)
         have = self.programmed.source_ranges.get((fam, svc_id), set())
         missing = sorted(set(ranges) - have, key=_network_order)
         if not missing:
