@@ -14,6 +14,7 @@ Two of the kernel tables are more than a map seen through a codec (see bpf/ctlb.
 
 from __future__ import annotations
 
+import array
 import ctypes as ct
 import errno
 import ipaddress
@@ -162,6 +163,15 @@ def key_hash(key_bytes: bytes) -> int:
     w1 = int.from_bytes(key_bytes[8:16], "little")
     w2 = int.from_bytes(key_bytes[16:20], "little")
     return mix64(w0 ^ (((w1 << 32) | (w1 >> 32)) & _U64) ^ (w2 << 16))  # fe6_hash
+
+
+def _u32_array(values: Iterable[int]) -> ct.Array:
+    """A __u32 array of `values` (a batch's keys): converted in C by the array module, ten
+    times faster than a ctypes array's constructor at 40k values."""
+    words = array.array("I", values)
+    if words.itemsize != ct.sizeof(ct.c_uint32):
+        return (ct.c_uint32 * len(words))(*words)
+    return (ct.c_uint32 * len(words)).from_buffer(words)
 
 
 def _map_full(table: str, max_entries: int, exc: libbpf.BpfError) -> errors.MapFull | libbpf.BpfError:
@@ -529,7 +539,7 @@ class KernelFrontendTable:
         if not self._pending:
             return
         order = sorted(self._pending.items(), key=lambda item: item[1][0])
-        keys = (ct.c_uint32 * len(order))(*(idx for _, (idx, _, _) in order))
+        keys = _u32_array([idx for _, (idx, _, _) in order])
         tomb = self._tomb_slots([held for _, held in order])
         self._write_many(keys, (self._leaf * len(order)).from_buffer(tomb), SLOT_TOMB)
         used = bytearray(tomb)
@@ -693,7 +703,7 @@ class KernelBackendTable:
 
     def _put_packed(self, indices: Sequence[int], packed: bytearray) -> int:
         """Writes packed slots to `indices` in one batch; how many were written."""
-        keys = (ct.c_uint32 * len(indices))(*indices)
+        keys = _u32_array(indices)
         leaves = (self._leaf * len(indices)).from_buffer(packed)
         done, _ = self.array.put_batch(keys, leaves, len(indices))  # why it stopped: see Table.put_many
         return done
