@@ -1,6 +1,7 @@
 """The agent keeps the cyclic garbage collector off while it starts (the heap only grows, with no
 cycles to find), and gives it back as it found it: after the first sync, after a start-up that
-took too long, and when stopped before its first sync."""
+took too long, and when stopped before its first sync. What it works out ahead of the first sync
+(the plan, the state file's account of it) is what the first sync would have worked out."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from ctlb import agent, datapath
+from ctlb import agent, datapath, model
+from ctlb.datapath import reconcile
 from ctlb.datapath import cgroup as cg
 from ctlb.datapath import programs
-from ctlb.sources import store
+from ctlb.sources import manifests, store
 
 pytestmark = pytest.mark.kernel
 
@@ -137,3 +139,83 @@ def test_an_agent_stopped_before_its_first_sync_gives_the_collector_back(run_age
     stop.set()
     _wait_for(lambda: gc.isenabled() and gc.get_threshold() == collector, "the collector back")
     assert the_agent.state.syncs == 0
+
+
+class Gated:
+    """A source whose first list completes when the test says so; the test fills the store."""
+
+    def __init__(self) -> None:
+        self.listed = threading.Event()
+
+    def describe(self) -> str:
+        return "gated"
+
+    def refresh(self) -> None:
+        pass
+
+    def synced(self) -> bool:
+        return self.listed.is_set()
+
+    def wait(self, timeout: float) -> None:
+        time.sleep(min(timeout, 0.02))
+
+    def status(self) -> dict[str, object]:
+        return {"synced": self.listed.is_set()}
+
+    def close(self) -> None:
+        pass
+
+
+def _service_and_slice(name: str, cluster_ip: str, endpoints: list[str]) -> list[dict]:
+    service = json.loads(json.dumps(SERVICE))
+    service["metadata"]["name"] = name
+    service["spec"]["clusterIP"] = cluster_ip
+    service["spec"]["clusterIPs"] = [cluster_ip]
+    slice_ = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+              "metadata": {"name": f"{name}-x", "namespace": "default", "labels": {"kubernetes.io/service-name": name}},
+              "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+              "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in endpoints]}
+    return [service, slice_]
+
+
+def _put(objects: store.ObjectStore, folder: pathlib.Path, docs: list[dict]) -> None:
+    """Puts the objects `docs` describe in the store, decoded as the manifest source decodes them."""
+    path = folder / f"batch-{len(list(folder.iterdir()))}.json"
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
+    snapshot = manifests.load([path])
+    with objects.locked():
+        for obj in (*snapshot.services, *snapshot.endpoint_slices):
+            objects.put(obj)
+        objects.notify()
+
+
+def test_the_state_planned_ahead_of_the_first_sync_is_accounted_as_if_planned_in_it(run_agent, collector) -> None:
+    """The digest and frontend kinds worked out while the source lists (for service ports planned
+    ahead) are those of the plan the first sync programs: `ctlb status`'s comparison holds."""
+    gated = Gated()
+    held: dict[str, store.ObjectStore] = {}
+
+    def make(objects: store.ObjectStore, run_dir: pathlib.Path) -> agent.Source:
+        held["objects"] = objects
+        return gated  # type: ignore[return-value]
+
+    the_agent, _ = run_agent(make)
+    objects = held["objects"]
+    with tempfile.TemporaryDirectory() as folder:
+        with objects.locked():
+            objects.put(model.Node(name="", addresses=()))
+            objects.notify()
+        _put(objects, pathlib.Path(folder), _service_and_slice("a", "10.96.0.11", ["10.244.0.2"])
+             + _service_and_slice("b", "10.96.0.12", ["10.244.0.3"]))
+        _wait_for(lambda: len(the_agent._viewed) == 2, "the two service ports planned ahead")
+        _put(objects, pathlib.Path(folder), _service_and_slice("b", "10.96.0.12", ["10.244.0.3", "10.244.0.4"])
+             + _service_and_slice("c", "10.96.0.13", ["10.244.0.5"]))
+        gated.listed.set()
+        _wait_for(lambda: the_agent.state.syncs > 0, "the first sync")
+    plan = the_agent.planner.state()
+    assert len(plan.service_ports) == 3
+    want = reconcile.combine(sum(reconcile.service_port_digest(sp) for sp in plan.service_ports.values()))
+    assert the_agent.state.desired_digest == want
+    assert reconcile.programmed_digest(the_agent.datapath.reconciler.programmed) == want
+    assert the_agent.state.frontend_kinds == {"10.96.0.11:80/TCP": "ClusterIP", "10.96.0.12:80/TCP": "ClusterIP",
+                                              "10.96.0.13:80/TCP": "ClusterIP"}
