@@ -42,7 +42,8 @@ class Datapath:
         bpf, prog_fds = programs.compile_and_load(bpffs, programs.sizes_of_pins(bpffs, sizes))
         pinned = maps.open_pinned(bpffs, maps.layouts_of(bpf))
         _warn_on_size_change(pinned, sizes)
-        egress = programs.OnDemand((programs.EGRESS,), cgroup_path=cgroup, bpffs=bpffs, prog_fds=prog_fds)
+        egress = programs.OnDemand(programs.EGRESS, cgroup_path=cgroup, bpffs=bpffs,
+                                   prog_fd=prog_fds[programs.EGRESS.program])
         datapath = cls(bpf=bpf, pinned=pinned, egress=egress, pod_links=programs.PodLinks(bpffs, prog_fds))
 
         def attach() -> None:

@@ -274,42 +274,34 @@ def detach_hook(hook: Hook, bpffs: pathlib.Path) -> bool:
 
 
 class OnDemand:
-    """Switches on-demand hooks together: attached before their first user, detached after
-    their last.
+    """Switches an on-demand hook: attached before its first user, detached after its last.
 
-    Whether they are attached is read from their link pins, so a restarted agent picks up where
-    the last one left them (a hook found missing is attached at the next `ensure`).
+    Whether it is attached is read from its link pin, so a restarted agent picks up where the
+    last one left it.
     """
 
-    def __init__(self, hooks: tuple[Hook, ...], *, cgroup_path: pathlib.Path, bpffs: pathlib.Path,
-                 prog_fds: dict[str, int]) -> None:
-        self.hooks = hooks
+    def __init__(self, hook: Hook, *, cgroup_path: pathlib.Path, bpffs: pathlib.Path, prog_fd: int) -> None:
+        self.hook = hook
         self._cgroup = cgroup_path
         self._bpffs = bpffs
-        self._prog_fds = {h.program: prog_fds[h.program] for h in hooks}
-        self._attached = all((bpffs / h.link_pin).exists() for h in hooks)
+        self._prog_fd = prog_fd
+        self._attached = (bpffs / hook.link_pin).exists()
 
     @property
     def attached(self) -> bool:
         return self._attached
 
     def ensure(self) -> None:
-        if self._attached:
-            return
-        for hook in self.hooks:
-            if not (self._bpffs / hook.link_pin).exists():
-                attach_hook(hook, self._cgroup, self._bpffs, self._prog_fds[hook.program])
-        self._attached = True
-        log.info("program_attached_on_demand", hooks=[h.program for h in self.hooks])
+        if not self._attached:
+            attach_hook(self.hook, self._cgroup, self._bpffs, self._prog_fd)
+            self._attached = True
+            log.info("program_attached_on_demand", hook=self.hook.program)
 
     def release(self) -> None:
-        if not any((self._bpffs / h.link_pin).exists() for h in self.hooks):
+        if self._attached:
+            detach_hook(self.hook, self._bpffs)
             self._attached = False
-            return
-        for hook in self.hooks:
-            detach_hook(hook, self._bpffs)
-        self._attached = False
-        log.info("program_detached_on_demand", hooks=[h.program for h in self.hooks])
+            log.info("program_detached_on_demand", hook=self.hook.program)
 
 
 class PodLinks:
