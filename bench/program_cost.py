@@ -6,6 +6,7 @@
     sudo .venv/bin/python -m bench.program_cost --services 1000 --mesh --gate --phases crr,crr-lb,direct
     sudo .venv/bin/python -m bench.program_cost --services 1000 --trace --phases crr,udp,peer
     sudo .venv/bin/python -m bench.program_cost --services 1000 --affinity --phases crr,udp,direct
+    sudo .venv/bin/python -m bench.program_cost --services 1000 --meshed-client --phases crr,direct
 
 A lab node with four backend pods and one client pod; the datapath (the real `Datapath`, its
 programs attached to the client pod's cgroup) is given N Services of B backends each, every one
@@ -29,7 +30,11 @@ CPU 0 and servers on CPU 1, and takes the run-time and run-count deltas of every
 
 With --mesh, the node has a meshed pod (not the client), as on any node of a mesh: its cgroup
 carries the mesh redirect and sock_ops and getsockopt are attached; the client's connects should
-not pay for it. With --gate, the first Service also has a
+not pay for it. With --meshed-client, the client itself is the meshed pod: the datapath hangs on
+the lab's cgroup above every pod, as the agent's does on a node, and the mesh's programs on the
+client pod's cgroup, where a stand-in sidecar listens on the outbound port (15001) and closes
+what it accepts. A connect to the Service then runs meshconn4 (the redirect) and, on the
+redirected loopback address, the node-wide connect4; sock_ops records the connection. With --gate, the first Service also has a
 LoadBalancer IP with loadBalancerSourceRanges that admit the client, and the phase crr-lb connects
 to it: connect4 through the source-range gate (the pod lookup and an LPM lookup).
 
@@ -169,7 +174,9 @@ _PEER_CLIENT = textwrap.dedent("""
 def _prog_stats(bpffs: pathlib.Path, extra: dict[str, int] | None = None) -> dict[str, tuple[int, int]]:
     """run_time_ns and run_cnt of every program attached through ctlb's links, and of `extra`
     programs (name -> id)."""
-    ids = {a.hook: a.prog_id for a in programs.attachments(bpffs)} | (extra or {})
+    ids = {a.hook: a.prog_id for a in programs.attachments(bpffs)}
+    ids |= {a.hook: a.prog_id for a in programs.pod_attachments(bpffs)}  # the one meshed pod's
+    ids |= extra or {}
     stats = {}
     for hook, prog_id in ids.items():
         info = json.loads(subprocess.run(["bpftool", "prog", "show", "id", str(prog_id), "-j"],
@@ -182,7 +189,8 @@ class Rig:
     """The lab node, its pods and servers, and the datapath on the client pod's cgroup."""
 
     def __init__(self, the_lab: ctlb_lab.Lab, *, n: int, nodeport: bool, ipv6: bool = False,
-                 drop: bool = False, mesh: bool = False, gate: bool = False, affinity: bool = False) -> None:
+                 drop: bool = False, mesh: bool = False, gate: bool = False, affinity: bool = False,
+                 meshed_client: bool = False) -> None:
         self.lab = the_lab
         self.ipv6 = ipv6
         self.backends = [the_lab.add_pod(f"be{i}", ipv6=ipv6) for i in range(4)]
@@ -197,7 +205,10 @@ class Rig:
         self.bpffs = pathlib.Path("/sys/fs/bpf") / f"{the_lab.prefix}-cost"
         self.extra_programs: dict[str, int] = {}  # name -> program id, measured beside ctlb's
         self._floor_link: int | None = None
-        self.dp = datapath.Datapath.install(bpffs=self.bpffs, cgroup=self.client.pod_cgroup,
+        # A meshed client needs the node-wide programs above its pod's own, as on a node: the
+        # kernel runs the pod cgroup's redirect first, then the ancestors' connect4.
+        self.dp = datapath.Datapath.install(bpffs=self.bpffs,
+                                            cgroup=the_lab.cgroup_root if meshed_client else self.client.pod_cgroup,
                                             sizes=programs.MapSizes())
         client = self.addr(self.client)
         gate_ranges = (ipaddress.ip_network(client), ipaddress.ip_network("203.0.113.0/24" if not ipv6 else "2001:db8::/32"))
@@ -208,7 +219,10 @@ class Rig:
         self.program_s = time.perf_counter() - started
         if outcome.problems:
             raise RuntimeError(f"not programmed: {outcome.problems[:3]}")
-        if mesh or gate:
+        if meshed_client:
+            loadgen.start_tcp_server(self.client, port=switch.MeshSettings().outbound_port, cpu=SERVER_CPU)
+            self._write_pods(meshed=self.client)
+        elif mesh or gate:
             self._write_pods(meshed=the_lab.add_pod("meshed", ipv6=ipv6) if mesh else None)
 
     def _write_pods(self, *, meshed: ctlb_lab.Pod | None) -> None:
@@ -219,7 +233,7 @@ class Rig:
                 mode=switch.PodMode("bench", pod.name, pod.uid, ips=tuple(pod.addresses),
                                     capture=switch.Capture() if pod is meshed else None),
                 cgroup_id=pod.pod_cgroup.stat().st_ino, level=len(pod.pod_cgroup.relative_to(mount).parts))
-            for pod in (self.client, meshed) if pod is not None
+            for pod in dict.fromkeys((self.client, meshed)) if pod is not None
         ]
         outcome = podmap.PodTable(self.dp.pinned, switch.MeshSettings()).apply(placements)
         if outcome.problems:
@@ -384,7 +398,9 @@ def measure(rig: Rig, phase: str, seconds: float) -> dict[str, Any]:
 
 
 # Which program each phase is there to measure.
-FOCUS = {"crr": ["connect4"], "crr-lb": ["connect4"], "crr-np": ["connect4"], "direct": ["connect4"], "udp": ["sendmsg4", "recvmsg4"],
+# meshconn4 and sockops run only with --meshed-client.
+FOCUS = {"crr": ["meshconn4", "connect4", "sockops"], "crr-lb": ["connect4"], "crr-np": ["connect4"],
+         "direct": ["meshconn4", "connect4", "sockops"], "udp": ["sendmsg4", "recvmsg4"],
          "peer": ["getpeer4"], "peer-np": ["getpeer4"], "peer-dir": ["getpeer4"], "rr": [], "iperf": [],
          "blast": []}
 EGRESS = programs.EGRESS.name
@@ -472,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drop", action="store_true",
                     help="one more service port drops, so the egress program is attached and measured")
     ap.add_argument("--mesh", action="store_true", help="the node has a meshed pod (not the client)")
+    ap.add_argument("--meshed-client", action="store_true",
+                    help="the client is a meshed pod: its connects are redirected to a stand-in sidecar")
     ap.add_argument("--gate", action="store_true",
                     help="the first Service also has a LoadBalancer IP with source ranges (phase crr-lb)")
     ap.add_argument("--affinity", action="store_true",
@@ -508,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with ctlb_lab.Lab() as the_lab:
             rig = Rig(the_lab, n=args.services, nodeport=args.nodeport, ipv6=args.ipv6, drop=args.drop,
-                      mesh=args.mesh, gate=args.gate, affinity=args.affinity)
+                      mesh=args.mesh, gate=args.gate, affinity=args.affinity, meshed_client=args.meshed_client)
             try:
                 if args.floor:
                     rig.attach_floor()

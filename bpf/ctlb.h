@@ -20,7 +20,8 @@
  *   CTLB_AFFINITY_MAX   entries of each session-affinity map (LRU)
  *   CTLB_PODS_MAX       pods of this node the programs know (mesh mode, addresses)
  *   CTLB_MESH_RULES_MAX entries of each mesh exclusion map (ranges, ports)
- *   CTLB_MESH_CONNS_MAX entries of each original-destination map (LRU)
+ *   CTLB_MESH_CONN_SLOTS slots of each original-destination table (a power of two, at least
+ *                       CTLB_MESH_WAYS)
  *   CTLB_SOURCE_RANGES_MAX entries of each loadBalancerSourceRanges map (LPM)
  *   CTLB_LAYOUT_ONLY    declare the maps unpinned with one entry: lets a read-only command
  *                       learn the layouts without creating or touching any pin.
@@ -54,9 +55,11 @@
 #ifndef CTLB_MESH_RULES_MAX
 #define CTLB_MESH_RULES_MAX 65536
 #endif
-#ifndef CTLB_MESH_CONNS_MAX
-#define CTLB_MESH_CONNS_MAX 65536
+#ifndef CTLB_MESH_CONN_SLOTS
+#define CTLB_MESH_CONN_SLOTS 65536
 #endif
+/* Slots of the original-destination table a connection may sit in (see struct mesh_conn4). */
+#define CTLB_MESH_WAYS 4
 
 #ifndef CTLB_SOURCE_RANGES_MAX
 #define CTLB_SOURCE_RANGES_MAX 65536
@@ -428,6 +431,32 @@ struct mesh_orig6 {
 	__u16 pad;
 };
 
+/* One slot of the original-destination table: an ARRAY, not an LRU hash, because sock_ops
+ * records every redirected connection and an LRU hash update cost ~1.5 us there on this kind of
+ * VM (a meshed pod's connection rate rose 16% without it); slots are plain stores.
+ *
+ * A connection hashes to a set of CTLB_MESH_WAYS adjacent slots. It is written into the slot that
+ * already holds its key (a reused port), else into the one holding the oldest connection (by
+ * the clock: socket cookies come from per-CPU batches and do not tell age; 0 is empty), so an
+ * entry is only lost once CTLB_MESH_WAYS newer
+ * connections hashed to its set before the sidecar asked. seq is odd while a writer fills the
+ * slot: a writer claims it with a compare-and-swap and skips it when another holds it; a reader
+ * copies a slot between two equal even reads of seq (64 bits: the only compare-and-swap width
+ * these programs are compiled for). */
+struct mesh_conn4 {
+	__u64 seq;
+	__u64 born; /* bpf_ktime_get_ns() when recorded; 0: empty */
+	struct mesh_conn4_key key;
+	struct mesh_orig4 orig;
+};
+
+struct mesh_conn6 {
+	__u64 seq;
+	__u64 born;
+	struct mesh_conn6_key key;
+	struct mesh_orig6 orig;
+};
+
 /* --- socket-trace ----------------------------------------------------------------------
  *
  * While `ctlb socket-trace` listens (ctlb_trace_ctl.enabled), every decision the socket programs
@@ -522,8 +551,8 @@ CTLB_MAP("hash", __u64, struct pod_info, ctlb_pods, CTLB_PODS_MAX, 0);
 CTLB_MAP("lpm_trie", struct mesh_range4_key, __u8, ctlb_mesh_range4, CTLB_MESH_RULES_MAX, BPF_F_NO_PREALLOC);
 CTLB_MAP("lpm_trie", struct mesh_range6_key, __u8, ctlb_mesh_range6, CTLB_MESH_RULES_MAX, BPF_F_NO_PREALLOC);
 CTLB_MAP("hash", struct mesh_port_key, __u8, ctlb_mesh_ports, CTLB_MESH_RULES_MAX, 0);
-CTLB_MAP("lru_hash", struct mesh_conn4_key, struct mesh_orig4, ctlb_mesh_conn4, CTLB_MESH_CONNS_MAX, 0);
-CTLB_MAP("lru_hash", struct mesh_conn6_key, struct mesh_orig6, ctlb_mesh_conn6, CTLB_MESH_CONNS_MAX, 0);
+CTLB_MAP("array", __u32, struct mesh_conn4, ctlb_mesh_conn4_v2, CTLB_MESH_CONN_SLOTS, 0);
+CTLB_MAP("array", __u32, struct mesh_conn6, ctlb_mesh_conn6_v2, CTLB_MESH_CONN_SLOTS, 0);
 
 CTLB_MAP("array", __u32, struct trace_ctl, ctlb_trace_ctl, 1, 0);
 

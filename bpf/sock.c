@@ -1333,6 +1333,183 @@ int ctlb_getpeer6(struct bpf_sock_addr *ctx)
 
 /* --- Sidecar original destination --------------------------------------------------------- */
 
+/* The original-destination tables (struct mesh_conn4): a connection's set, and its slot's
+ * seqlock. */
+static __always_inline __u32 mesh_conn_set(__u64 hash)
+{
+	return (__u32)hash & (CTLB_MESH_CONN_SLOTS - 1) & ~(__u32)(CTLB_MESH_WAYS - 1);
+}
+
+static __always_inline __u32 mesh4_conn_set(const __u64 *kw)
+{
+	return mesh_conn_set(fe6_hash(kw[0], kw[1], (__u32)kw[2]));
+}
+
+static __always_inline __u32 mesh6_conn_set(const __u64 *kw)
+{
+	return mesh_conn_set(fe6_hash(kw[0] ^ kw[1] ^ kw[3], kw[2] ^ kw[4], (__u32)kw[5]));
+}
+
+static __always_inline bool words_eq(const __u64 *a, const __u64 *b, int n)
+{
+	bool eq = true;
+
+#pragma unroll
+	for (int i = 0; i < n; i++)
+		eq &= READ_U64(&a[i]) == b[i];
+	return eq;
+}
+
+/* False when another writer holds the slot: this record is then lost, which only happens when
+ * two connections of one set are recorded at the same instant. */
+static __always_inline bool mesh_slot_claim(__u64 *seqp)
+{
+	__u64 seq = READ_U64(seqp);
+
+	if (seq & 1)
+		return false;
+	return __sync_val_compare_and_swap(seqp, seq, seq + 1) == seq;
+}
+
+static __always_inline void mesh_slot_release(__u64 *seqp)
+{
+	/* A locked add: the slot's stores are visible before its even seq is. */
+	__sync_fetch_and_add(seqp, 1);
+}
+
+/* A connection is written into the slot of its set that holds its key, else into the one
+ * holding the oldest connection; it is found as the newest record of its key in its set, copied
+ * between two equal even reads of the slot's seq. */
+static __always_inline void mesh4_conn_write(const struct mesh_conn4_key *key, const struct mesh_orig4 *orig)
+{
+	const __u64 *kw = (const __u64 *)key;
+	struct mesh_conn4 *victim = NULL;
+	__u32 set = mesh4_conn_set(kw);
+	__u64 oldest = ~0ULL;
+
+#pragma unroll
+	for (int i = 0; i < CTLB_MESH_WAYS; i++) {
+		__u32 idx = set + i;
+		struct mesh_conn4 *s = ctlb_mesh_conn4_v2.lookup(&idx);
+		__u64 c;
+
+		if (!s)
+			break;
+		if (words_eq((const __u64 *)&s->key, kw, 3)) {
+			victim = s;
+			break;
+		}
+		c = READ_U64(&s->born);
+		if (c < oldest) {
+			oldest = c;
+			victim = s;
+		}
+	}
+	if (!victim || !mesh_slot_claim(&victim->seq))
+		return;
+	victim->born = bpf_ktime_get_ns();
+	victim->key = *key;
+	victim->orig = *orig;
+	mesh_slot_release(&victim->seq);
+}
+
+static __always_inline bool mesh4_conn_find(const struct mesh_conn4_key *key, struct mesh_orig4 *out)
+{
+	const __u64 *kw = (const __u64 *)key;
+	__u32 set = mesh4_conn_set(kw);
+	__u64 newest = 0;
+
+#pragma unroll
+	for (int i = 0; i < CTLB_MESH_WAYS; i++) {
+		__u32 idx = set + i;
+		struct mesh_conn4 *s = ctlb_mesh_conn4_v2.lookup(&idx);
+		struct mesh_orig4 orig;
+		__u64 seq, born;
+		bool eq;
+
+		if (!s)
+			break;
+		seq = READ_U64(&s->seq);
+		if (seq & 1)
+			continue;
+		barrier();
+		eq = words_eq((const __u64 *)&s->key, kw, 3);
+		born = s->born;
+		orig = s->orig;
+		barrier();
+		if (eq && READ_U64(&s->seq) == seq && born > newest) {
+			newest = born;
+			*out = orig;
+		}
+	}
+	return newest != 0;
+}
+
+static __always_inline void mesh6_conn_write(const struct mesh_conn6_key *key, const struct mesh_orig6 *orig)
+{
+	const __u64 *kw = (const __u64 *)key;
+	struct mesh_conn6 *victim = NULL;
+	__u32 set = mesh6_conn_set(kw);
+	__u64 oldest = ~0ULL;
+
+#pragma unroll
+	for (int i = 0; i < CTLB_MESH_WAYS; i++) {
+		__u32 idx = set + i;
+		struct mesh_conn6 *s = ctlb_mesh_conn6_v2.lookup(&idx);
+		__u64 c;
+
+		if (!s)
+			break;
+		if (words_eq((const __u64 *)&s->key, kw, 6)) {
+			victim = s;
+			break;
+		}
+		c = READ_U64(&s->born);
+		if (c < oldest) {
+			oldest = c;
+			victim = s;
+		}
+	}
+	if (!victim || !mesh_slot_claim(&victim->seq))
+		return;
+	victim->born = bpf_ktime_get_ns();
+	victim->key = *key;
+	victim->orig = *orig;
+	mesh_slot_release(&victim->seq);
+}
+
+static __always_inline bool mesh6_conn_find(const struct mesh_conn6_key *key, struct mesh_orig6 *out)
+{
+	const __u64 *kw = (const __u64 *)key;
+	__u32 set = mesh6_conn_set(kw);
+	__u64 newest = 0;
+
+#pragma unroll
+	for (int i = 0; i < CTLB_MESH_WAYS; i++) {
+		__u32 idx = set + i;
+		struct mesh_conn6 *s = ctlb_mesh_conn6_v2.lookup(&idx);
+		struct mesh_orig6 orig;
+		__u64 seq, born;
+		bool eq;
+
+		if (!s)
+			break;
+		seq = READ_U64(&s->seq);
+		if (seq & 1)
+			continue;
+		barrier();
+		eq = words_eq((const __u64 *)&s->key, kw, 6);
+		born = s->born;
+		orig = s->orig;
+		barrier();
+		if (eq && READ_U64(&s->seq) == seq && born > newest) {
+			newest = born;
+			*out = orig;
+		}
+	}
+	return newest != 0;
+}
+
 /* A redirected connection leaves the application's socket: record its tuple, as the sidecar's
  * accepted socket will see it, with the destination the application asked for. The tuple is
  * known once the kernel picked the source port, which TCP_CONNECT_CB follows, and the record
@@ -1353,7 +1530,7 @@ static __always_inline void mesh4_record(struct bpf_sock_ops *skops, __u64 cooki
 	key.proxy_port = (__be16)(skops->remote_port >> 16);
 	orig.addr = sk->peer[0].fe_addr;
 	orig.port = sk->peer[0].fe_port;
-	ctlb_mesh_conn4.update(&key, &orig);
+	mesh4_conn_write(&key, &orig);
 }
 
 static __always_inline void mesh6_record(struct bpf_sock_ops *skops, __u64 cookie)
@@ -1371,7 +1548,7 @@ static __always_inline void mesh6_record(struct bpf_sock_ops *skops, __u64 cooki
 	key.proxy_port = (__be16)(skops->remote_port >> 16);
 	copy_ip6(orig.addr, sk->peer[0].fe_addr);
 	orig.port = sk->peer[0].fe_port;
-	ctlb_mesh_conn6.update(&key, &orig);
+	mesh6_conn_write(&key, &orig);
 }
 
 int ctlb_sockops(struct bpf_sock_ops *skops)
@@ -1394,7 +1571,7 @@ int ctlb_sockops(struct bpf_sock_ops *skops)
 static __always_inline void mesh4_original_dst(struct bpf_sockopt *ctx, struct bpf_sock *sk)
 {
 	struct mesh_conn4_key key = {};
-	struct mesh_orig4 *orig;
+	struct mesh_orig4 orig = {};
 	struct sockaddr_in *sin = ctx->optval;
 
 	key.netns = bpf_get_netns_cookie(ctx);
@@ -1402,12 +1579,11 @@ static __always_inline void mesh4_original_dst(struct bpf_sockopt *ctx, struct b
 	key.proxy_addr = sk->src_ip4;
 	key.client_port = sk->dst_port;
 	key.proxy_port = bpf_htons((__u16)sk->src_port);
-	orig = ctlb_mesh_conn4.lookup(&key);
-	if (!orig || (void *)(sin + 1) > ctx->optval_end)
+	if (!mesh4_conn_find(&key, &orig) || (void *)(sin + 1) > ctx->optval_end)
 		return;
 	sin->sin_family = CTLB_AF_INET;
-	sin->sin_port = orig->port;
-	sin->sin_addr.s_addr = orig->addr;
+	sin->sin_port = orig.port;
+	sin->sin_addr.s_addr = orig.addr;
 	__builtin_memset(sin->sin_zero, 0, sizeof(sin->sin_zero));
 	ctx->optlen = sizeof(*sin);
 	/* Kept apart: clang would merge the two stores into one the verifier refuses. */
@@ -1418,7 +1594,7 @@ static __always_inline void mesh4_original_dst(struct bpf_sockopt *ctx, struct b
 static __always_inline void mesh6_original_dst(struct bpf_sockopt *ctx, struct bpf_sock *sk)
 {
 	struct mesh_conn6_key key = {};
-	struct mesh_orig6 *orig;
+	struct mesh_orig6 orig = {};
 	struct sockaddr_in6 *sin6 = ctx->optval;
 
 	key.netns = bpf_get_netns_cookie(ctx);
@@ -1426,13 +1602,12 @@ static __always_inline void mesh6_original_dst(struct bpf_sockopt *ctx, struct b
 	ctx_read_ip6(sk->src_ip6, key.proxy_addr);
 	key.client_port = sk->dst_port;
 	key.proxy_port = bpf_htons((__u16)sk->src_port);
-	orig = ctlb_mesh_conn6.lookup(&key);
-	if (!orig || (void *)(sin6 + 1) > ctx->optval_end)
+	if (!mesh6_conn_find(&key, &orig) || (void *)(sin6 + 1) > ctx->optval_end)
 		return;
 	__builtin_memset(sin6, 0, sizeof(*sin6));
 	sin6->sin6_family = CTLB_AF_INET6;
-	sin6->sin6_port = orig->port;
-	copy_ip6(sin6->sin6_addr.in6_u.u6_addr32, orig->addr);
+	sin6->sin6_port = orig.port;
+	copy_ip6(sin6->sin6_addr.in6_u.u6_addr32, orig.addr);
 	ctx->optlen = sizeof(*sin6);
 	barrier();
 	ctx->retval = 0;

@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-backends", type=int, default=sizes.backends, help="entries per backend map")
     p.add_argument("--max-revnat", type=int, default=sizes.revnat, help="entries per socket reverse-NAT map")
     p.add_argument("--max-affinity", type=int, default=sizes.affinity, help="entries per affinity map")
+    p.add_argument("--max-mesh-conns", type=int, default=sizes.mesh_conns,
+                   help="slots per original-destination table (meshed pods' connections the sidecar has not "
+                        "asked about yet; rounded up to a power of two)")
     mesh = switch.MeshSettings()
     p.add_argument("--mesh-label", type=_label, action="append", default=None, metavar="KEY=VALUE",
                    help="a namespace label that puts its pods in the mesh (repeatable; default: "
@@ -74,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         bpffs=args.bpffs,
         run_dir=args.run_dir,
         sizes=datapath.MapSizes(frontends=args.max_frontends, backends=args.max_backends,
-                                revnat=args.max_revnat, affinity=args.max_affinity),
+                                revnat=args.max_revnat, affinity=args.max_affinity,
+                                mesh_conns=args.max_mesh_conns),
         xds_listen=_xds_listen(args.xds_listen, run_dir=args.run_dir),
         healthz_address=args.healthz_bind_address,
         mesh=switch.MeshSettings(

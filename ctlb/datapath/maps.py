@@ -27,7 +27,7 @@ SETTINGS = "ctlb_settings_v2"  # ARRAY of one: node-wide settings
 PODS = "ctlb_pods"  # this node's pods by pod cgroup id
 MESH_RANGES = {4: "ctlb_mesh_range4", 6: "ctlb_mesh_range6"}  # LPM: include/exclude ranges
 MESH_PORTS = "ctlb_mesh_ports"
-MESH_CONNS = {4: "ctlb_mesh_conn4", 6: "ctlb_mesh_conn6"}  # LRU: original destinations
+MESH_CONNS = {4: "ctlb_mesh_conn4_v2", 6: "ctlb_mesh_conn6_v2"}  # original destinations (4-way tables)
 TRACE_CTL = "ctlb_trace_ctl"  # ARRAY of one: whether socket-trace listens, and who
 TRACE_RING = "ctlb_trace"  # RINGBUF: socket-trace's events (no key or value type)
 TRACE_EVENT = "ctlb_trace_event"  # the layout compile's stand-in that carries struct trace_event
@@ -43,7 +43,8 @@ ARRAYS = frozenset((*FRONTENDS.values(), *BACKENDS.values(), *SOCKETS.values()))
 
 # Pins of earlier layouts. No program of this version reads them: they are removed once this
 # version's programs are attached, and by uninstall.
-LEGACY_MAPS: tuple[str, ...] = ("ctlb_fe4", "ctlb_fe6", "ctlb_be4", "ctlb_be6", "ctlb_settings", "ctlb_aff4", "ctlb_aff6")
+LEGACY_MAPS: tuple[str, ...] = ("ctlb_fe4", "ctlb_fe6", "ctlb_be4", "ctlb_be6", "ctlb_settings", "ctlb_aff4", "ctlb_aff6",
+                                 "ctlb_mesh_conn4", "ctlb_mesh_conn6")
 
 
 def bpf_source_dir() -> pathlib.Path:

@@ -96,6 +96,7 @@ POD_HOOKS: tuple[Hook, ...] = (
     Hook("ctlb_getsockopt", CGROUP_GETSOCKOPT, PROG_CGROUP_SOCKOPT),
 )
 POD_LINK_PREFIX = "link_pod_"  # + "<pod cgroup id>_<hook name>"
+MESH_WAYS = 4  # CTLB_MESH_WAYS: slots of an original-destination table one connection may sit in
 
 # Link pins of node-wide hooks earlier versions attached: sock_ops and getsockopt, which now hang
 # on the meshed pods. Detached once this version's programs are attached, and by uninstall.
@@ -116,7 +117,7 @@ class MapSizes:
     affinity: int = 131072
     pods: int = 4096  # pods of this node
     mesh_rules: int = 65536  # per map: mesh exclusion ranges and ports, all pods together
-    mesh_conns: int = 65536  # per family: original destinations of redirected connections
+    mesh_conns: int = 65536  # per family: original destinations of redirected connections (slots)
     source_ranges: int = 65536  # per family: loadBalancerSourceRanges entries, all service ports together
 
     @property
@@ -126,6 +127,11 @@ class MapSizes:
     @property
     def sock_slots(self) -> int:
         return 1 << max(self.revnat - 1, 1).bit_length()
+
+    @property
+    def mesh_conn_slots(self) -> int:
+        """Slots of each original-destination table: a power of two, whole sets of ways."""
+        return 1 << max(self.mesh_conns - 1, MESH_WAYS - 1).bit_length()
 
     @property
     def revnat_spill(self) -> int:
@@ -149,7 +155,7 @@ class MapSizes:
         if name == maps.PODS:
             return self.pods
         if name in maps.MESH_CONNS.values():
-            return self.mesh_conns
+            return self.mesh_conn_slots
         if name in maps.SOURCE_RANGES.values():
             return self.source_ranges
         return self.mesh_rules
@@ -225,7 +231,7 @@ def compile_and_load(bpffs: pathlib.Path, sizes: MapSizes) -> tuple[object, dict
         f"-DCTLB_AFFINITY_MAX={sizes.affinity}",
         f"-DCTLB_PODS_MAX={sizes.pods}",
         f"-DCTLB_MESH_RULES_MAX={sizes.mesh_rules}",
-        f"-DCTLB_MESH_CONNS_MAX={sizes.mesh_conns}",
+        f"-DCTLB_MESH_CONN_SLOTS={sizes.mesh_conn_slots}",
         f"-DCTLB_SOURCE_RANGES_MAX={sizes.source_ranges}",
         "-w",
     ]

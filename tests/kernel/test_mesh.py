@@ -354,6 +354,57 @@ def test_two_pods_with_the_same_loopback_tuple_each_get_their_own_destination(cl
     assert answers[1]["backend"] == "api0"
 
 
+_HELD_CLIENT = textwrap.dedent("""
+    import json, os, socket
+    conns = []
+    for i, host in enumerate({hosts!r}):  # one after another: each socket is newer than the last
+        # From CPU to CPU: socket cookies come from per-CPU batches, so they do not tell age.
+        os.sched_setaffinity(0, {{i % os.cpu_count()}})
+        s = socket.create_connection((host, 80), timeout=5)
+        s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+        conns.append(s)
+    answers = []
+    for s in conns:
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        answers.append(json.loads(data.split(b"\\r\\n\\r\\n", 1)[1]))
+    print(json.dumps(answers))
+""")
+
+
+def test_the_original_destination_table_keeps_the_newest_connections_of_a_set(cluster: Cluster) -> None:
+    """With a table of one set (4 slots), four connections waiting for their sidecar each get
+    their own destination; a fifth takes the oldest one's slot; a reused tuple gets its new one."""
+    backends = _backends(cluster)
+    other = cluster.lab.add_pod("api0")
+    servers.start_http(other, name="api0", port=8080)
+    app = cluster.lab.add_pod("app", namespace="shop")
+    sidecar.start(app, delay=1.0)  # asks only once every connection is recorded
+    api_ip = "10.96.0.20"
+    cluster.write("web", [*_web(backends), objects.service("api", cluster_ips=[api_ip], ports=HTTP),
+                          objects.endpoint_slice("api", addresses=[str(other.ipv4)], ports=SLICE_HTTP)])
+    cluster.write("pods", [objects.namespace("shop", labels=MESH), _pod_object(app)])
+    cluster.start_agent("--max-mesh-conns", "4")
+
+    def held(hosts: list[str]) -> list[dict]:
+        run = app.run([sys.executable, "-c", _HELD_CLIENT.format(hosts=hosts)], timeout=30, check=True)
+        return json.loads(run.stdout)
+
+    hosts = [CLUSTER_IP, api_ip, CLUSTER_IP, api_ip]
+    assert [a.get("original_dst") for a in held(hosts)] == [[h, 80] for h in hosts]
+
+    answers = held([*hosts, CLUSTER_IP])
+    assert "original_dst" not in answers[0] and "sidecar_error" in answers[0], "the oldest gave way"
+    assert [a.get("original_dst") for a in answers[1:]] == [[h, 80] for h in [*hosts[1:], CLUSTER_IP]]
+    assert [a["backend"] for a in answers[1:]].count("api0") == 2
+
+    # The same tuple twice in a row, to two Services: the second record is the one answered.
+    for host in (CLUSTER_IP, api_ip):
+        run = app.run([sys.executable, "-c", _BOUND_CLIENT.format(host=host)], timeout=30, check=True)
+        assert json.loads(run.stdout)["original_dst"] == [host, 80]
+
+
 def test_a_restarted_agent_keeps_meshed_pods_captured_and_adopts_them(cluster: Cluster) -> None:
     backends = _backends(cluster)
     app = cluster.lab.add_pod("app", namespace="shop")

@@ -149,3 +149,11 @@ def test_trace_hooks_and_verdicts_match_the_header() -> None:
     assert set(numbers.values()) == set(trace.VERDICTS)
     assert (numbers["MESH"], numbers["REVERSE"]) == (trace.VERDICT_MESH, trace.VERDICT_REVERSE)
     assert re.search(r"#define CTLB_AF_INET (\d+)", _header())[1] == str(trace.AF_INET)  # type: ignore[index]
+
+
+def test_mesh_ways_match_the_header_and_tables_hold_whole_sets() -> None:
+    found = re.search(r"^#define CTLB_MESH_WAYS (\d+)$", _header(), re.M)
+    assert found is not None and int(found[1]) == programs.MESH_WAYS
+    for asked in (1, 3, 4, 5, 65536, 65537):
+        slots = programs.MapSizes(mesh_conns=asked).mesh_conn_slots
+        assert slots >= max(asked, programs.MESH_WAYS) and slots & (slots - 1) == 0
