@@ -34,7 +34,7 @@ def _address_key(address: model.IPAddress) -> tuple[int, int]:
 
 # cache_hash: a frontend keys the planner's claims, the reconciler's shadow and the tables' slots,
 # and is hashed ten times over at start-up; its address hashes in Python, as text. msgspec keeps
-# the hash in a hidden slot, outside the fields: equality, order, repr and replace ignore it.
+# the hash in a hidden slot, no field: not compared, not in repr or asdict, not passed, not copied.
 class Frontend(msgspec.Struct, frozen=True, gc=False, cache_hash=True):
     address: model.IPAddress
     port: int
