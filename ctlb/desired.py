@@ -3,6 +3,9 @@
 A *service port* (kube-proxy's ServicePortName, per address family) owns a set of frontends
 (the addresses clients dial) and the backends each kind of frontend leads to. The datapath gives
 each service port a stable id; in the common case every frontend points at one backend set.
+
+Values are frozen `msgspec.Struct`s, as in `ctlb.model` and for the same reason: a 10k-Service
+start-up builds some 70k of them.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import NamedTuple
+
+import msgspec
 
 from ctlb import model
 
@@ -28,20 +32,13 @@ def _address_key(address: model.IPAddress) -> tuple[int, int]:
     return (address.version, int(address))
 
 
-@dataclass(frozen=True, slots=True)
-class Frontend:
+# cache_hash: a frontend keys the planner's claims, the reconciler's shadow and the tables' slots,
+# and is hashed ten times over at start-up; its address hashes in Python, as text. msgspec keeps
+# the hash in a hidden slot, no field: not compared, not in repr or asdict, not passed, not copied.
+class Frontend(msgspec.Struct, frozen=True, gc=False, cache_hash=True):
     address: model.IPAddress
     port: int
     protocol: model.Protocol
-    _hash: int = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_hash", hash((self.address, self.port, self.protocol)))
-
-    def __hash__(self) -> int:
-        # Computed once: a frontend keys the planner's claims, the reconciler's shadow and the
-        # tables' slots, and is hashed ten times over at start-up (an address hashes as text).
-        return self._hash
 
     def sort_key(self) -> tuple[tuple[int, int], int, str]:
         """The order of frontends, as a key: sorting by it calls no Python per comparison."""
@@ -55,8 +52,7 @@ class Frontend:
         return f"{host}:{self.port}/{self.protocol}"
 
 
-@dataclass(frozen=True, slots=True)
-class Backend:
+class Backend(msgspec.Struct, frozen=True, gc=False):
     address: model.IPAddress
     port: int
 
@@ -72,22 +68,15 @@ class Backend:
         return f"{host}:{self.port}"
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class ServicePortName:
+# cache_hash: a name keys the planner's, the reconciler's and the agent's maps, and is hashed about
+# fifteen times over at start-up; a cached hash is read in half the time of five fields' hashes.
+# order: field by field, compared in C, so the reconciler sorts 10k names calling no Python.
+class ServicePortName(msgspec.Struct, frozen=True, order=True, gc=False, cache_hash=True):
     namespace: str
     name: str
     port: str  # the Service port's name, "" when unnamed
     protocol: model.Protocol
     family: model.IPFamily
-    _hash: int = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_hash", hash((self.namespace, self.name, self.port, self.protocol, self.family)))
-
-    def __hash__(self) -> int:
-        # Computed once: a name keys the planner's, the reconciler's and the agent's maps, and
-        # is hashed about fifteen times over at start-up.
-        return self._hash
 
     def __str__(self) -> str:
         port = f":{self.port}" if self.port else ""
@@ -108,8 +97,8 @@ class FrontendGroup(NamedTuple):
     restricted: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class ServicePortState:
+# Tracked by the garbage collector, unlike the values above: `frontends` is a mutable mapping.
+class ServicePortState(msgspec.Struct, frozen=True):
     """One service port of one family: its frontends and what a connection to each gets.
 
     Which backends a connection made by a socket on this node gets depends on the frontend's kind:
@@ -186,9 +175,8 @@ class ServicePortState:
                 for (backends, drop, restricted), frontends in groups.items()]
 
 
-@dataclass(frozen=True, slots=True)
-class DesiredState:
-    service_ports: Mapping[ServicePortName, ServicePortState] = field(default_factory=dict)
+class DesiredState(msgspec.Struct, frozen=True):
+    service_ports: Mapping[ServicePortName, ServicePortState] = msgspec.field(default_factory=dict)
     problems: tuple[model.Problem, ...] = ()
 
     def frontend_count(self) -> int:

@@ -3,13 +3,19 @@
 Sources (manifest files, the API watch) turn API objects into these values through
 `ctlb.kubeobjects`; `ctlb.semantics` turns them into the desired datapath state. Nothing here
 touches the kernel, the network, the clock or a file.
+
+The values are frozen `msgspec.Struct`s, not frozen dataclasses: a 10k-Service start-up builds
+some 80k of them, and a Struct is built in C (an `Endpoint` in 0.07 us; a frozen dataclass takes
+0.8 us, setting each field through `object.__setattr__`). They hold only immutable values, so
+they can never be part of a reference cycle and are kept out of the garbage collector (`gc=False`).
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
-from dataclasses import dataclass, field
+
+import msgspec
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -41,8 +47,7 @@ class TrafficPolicy(enum.StrEnum):
     LOCAL = "Local"
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class ObjectRef:
+class ObjectRef(msgspec.Struct, frozen=True, order=True, gc=False):
     """Names an object in logs and errors: `Service default/web`."""
 
     kind: str
@@ -54,8 +59,7 @@ class ObjectRef:
         return f"{self.kind} {where}"
 
 
-@dataclass(frozen=True, slots=True)
-class ServicePort:
+class ServicePort(msgspec.Struct, frozen=True, gc=False):
     name: str  # "" when the Service has a single unnamed port
     protocol: Protocol
     port: int
@@ -64,14 +68,12 @@ class ServicePort:
     app_protocol: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class LoadBalancerIngress:
+class LoadBalancerIngress(msgspec.Struct, frozen=True, gc=False):
     ip: IPAddress
     ip_mode: str | None = None  # "VIP", "Proxy" or unset
 
 
-@dataclass(frozen=True, slots=True)
-class Service:
+class Service(msgspec.Struct, frozen=True, gc=False):
     namespace: str
     name: str
     type: ServiceType
@@ -96,16 +98,14 @@ class Service:
         return ObjectRef("Service", self.namespace, self.name)
 
 
-@dataclass(frozen=True, slots=True)
-class EndpointPort:
+class EndpointPort(msgspec.Struct, frozen=True, gc=False):
     name: str  # "" when unnamed
     protocol: Protocol
     port: int
     app_protocol: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
+class Endpoint(msgspec.Struct, frozen=True, gc=False):
     addresses: tuple[IPAddress, ...]
     # Conditions as the API has them; None means unset (kube-proxy reads unset ready as true).
     ready: bool | None = None
@@ -117,8 +117,7 @@ class Endpoint:
     hint_nodes: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class EndpointSlice:
+class EndpointSlice(msgspec.Struct, frozen=True, gc=False):
     namespace: str
     name: str
     service_name: str  # from the kubernetes.io/service-name label
@@ -132,8 +131,7 @@ class EndpointSlice:
         return ObjectRef("EndpointSlice", self.namespace, self.name)
 
 
-@dataclass(frozen=True, slots=True)
-class Node:
+class Node(msgspec.Struct, frozen=True, gc=False):
     name: str
     addresses: tuple[IPAddress, ...]  # InternalIP and ExternalIP addresses
     labels: tuple[tuple[str, str], ...] = ()
@@ -145,8 +143,7 @@ class Node:
         return ObjectRef("Node", "", self.name)
 
 
-@dataclass(frozen=True, slots=True)
-class Namespace:
+class Namespace(msgspec.Struct, frozen=True, gc=False):
     name: str
     labels: tuple[tuple[str, str], ...] = ()
 
@@ -155,8 +152,7 @@ class Namespace:
         return ObjectRef("Namespace", "", self.name)
 
 
-@dataclass(frozen=True, slots=True)
-class Pod:
+class Pod(msgspec.Struct, frozen=True, gc=False):
     namespace: str
     name: str
     uid: str
@@ -175,8 +171,7 @@ class Pod:
 KubeObject = Service | EndpointSlice | Node | Namespace | Pod
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Problem:
+class Problem(msgspec.Struct, frozen=True, order=True, gc=False):
     """Why an object (or a part of it) is not served: shown in logs and `ctlb status`."""
 
     ref: str  # e.g. "Service default/web"
@@ -186,8 +181,7 @@ class Problem:
         return f"{self.ref}: {self.reason}"
 
 
-@dataclass(frozen=True, slots=True)
-class Snapshot:
+class Snapshot(msgspec.Struct, frozen=True, gc=False):
     """Every object a source currently holds, valid ones only, plus what it had to reject."""
 
     services: tuple[Service, ...] = ()
@@ -195,4 +189,4 @@ class Snapshot:
     nodes: tuple[Node, ...] = ()
     namespaces: tuple[Namespace, ...] = ()
     pods: tuple[Pod, ...] = ()
-    problems: tuple[Problem, ...] = field(default=())
+    problems: tuple[Problem, ...] = ()

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable
-from dataclasses import replace
+
+import msgspec
 
 from ctlb import desired, model, semantics
 from ctlb.sources import store
@@ -221,7 +222,7 @@ class Planner:
         if len(owned) == len(raw.frontends):
             return raw, problems
         # A service port left with no frontend is dropped: nothing could reach it.
-        return (replace(raw, frontends=owned) if owned else None), problems
+        return (msgspec.structs.replace(raw, frontends=owned) if owned else None), problems
 
 
 def _node_moved(before: model.KubeObject | None, after: model.KubeObject | None) -> bool:

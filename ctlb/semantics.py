@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import msgspec
+
 from ctlb import desired, model
 
 # Labels with which a Service opts out of the default proxy (kube-proxy's ShouldSkipService).
@@ -229,8 +231,10 @@ _PREFER_SAME_ZONE = "PreferSameZone"
 _PREFER_SAME_NODE = "PreferSameNode"
 
 
-@dataclass(frozen=True, slots=True)
-class _NodeTopology:
+# The private values here are msgspec Structs, as `model`'s are: a 10k-Service start-up builds a
+# _NodeTopology and a _PolicyResult per Service, 10 ms (of semantics' 90) faster than as frozen
+# dataclasses. HealthCheck, made only for Services with a health-check node port, stays one.
+class _NodeTopology(msgspec.Struct, frozen=True, gc=False):
     """Where this node is, as kube-proxy sees it: its name and its zone label ("" when unknown)."""
 
     name: str
@@ -330,8 +334,7 @@ def _preference(candidate: _Candidate) -> tuple[bool, bool, bool, str, tuple[str
             tuple(sorted(endpoint.hint_zones)), tuple(sorted(endpoint.hint_nodes)))
 
 
-@dataclass(frozen=True, slots=True)
-class _Categories:
+class _Categories(msgspec.Struct, frozen=True, gc=False):
     """kube-proxy's CategorizeEndpoints result (clusterEndpoints, localEndpoints, hasAnyEndpoints)."""
 
     cluster: tuple[desired.Backend, ...]  # ready and topologically available; else serving-terminating
@@ -412,8 +415,7 @@ def _backends(selected: Iterable[_Candidate]) -> tuple[desired.Backend, ...]:
 # --- traffic policies ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _PolicyResult:
+class _PolicyResult(msgspec.Struct, frozen=True, gc=False):
     backends: tuple[desired.Backend, ...]
     drop: bool
     external_backends: tuple[desired.Backend, ...] | None

@@ -26,7 +26,6 @@ or by both (their union), never by none.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import hashlib
 import operator
 import struct
@@ -43,10 +42,6 @@ from ctlb.datapath import tables
 log = structlog.get_logger()
 
 _ID_MAX = (1 << 32) - 1
-
-# The order of service-port names (their dataclass order: field by field), as a sort key, so that
-# sorting 10k names calls no Python per comparison.
-_NAME_ORDER = operator.attrgetter(*(f.name for f in dataclasses.fields(desired.ServicePortName) if f.compare))
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,7 +384,7 @@ class Reconciler:
         self.failed = set()
         if self._first_pass and self._batch_from_empty and not self.programmed.frontends:
             self._batch = _Batch()
-        for name in sorted(changed, key=_NAME_ORDER):
+        for name in sorted(changed):
             self._owner = name
             problem = self._program_service_port(changed[name])
             if problem is None:
@@ -431,7 +426,7 @@ class Reconciler:
     def _assign_svc_ids(self, service_ports: Mapping[desired.ServicePortName, desired.ServicePortState]) -> None:
         """Keeps a service port's id for as long as it exists, across restarts too (adopted from
         the frontends it had), so affinity entries stay valid."""
-        new = sorted((name for name in service_ports if name not in self.svc_ids), key=_NAME_ORDER)
+        new = sorted(name for name in service_ports if name not in self.svc_ids)
         if not new:
             return
         in_maps = {v.svc_id for v in self.programmed.frontends.values()}
@@ -722,7 +717,7 @@ class Reconciler:
             for key in unwritten:  # never written: the shadow must not claim them
                 self.programmed.members.discard(key)
                 self._member_count[fam] -= 1
-        for name, exc in sorted(failed.items(), key=lambda item: _NAME_ORDER(item[0])):
+        for name, exc in sorted(failed.items(), key=operator.itemgetter(0)):
             self._drop_queued_frontends(batch.frontends.get(name, ()))
             problems.append(_not_programmed(name, exc))
             self.failed.add(name)

@@ -3,10 +3,10 @@ reports exactly the service ports whose desired state moved."""
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import random
 
+import msgspec
 import pytest
 
 from ctlb import desired, model, planner, semantics
@@ -225,7 +225,7 @@ def test_nothing_changed_reports_nothing() -> None:
     objects.put(_web())
     plan = planner.Planner(NODE_NAME)
     plan.update(objects, objects.take())
-    objects.put(dataclasses.replace(_web()))  # an equal value is no change at all
+    objects.put(msgspec.structs.replace(_web()))  # an equal value is no change at all
     assert objects.take() is None
     assert plan.update(objects, store.Changes(before={("Service", "shop", "web"): _web()},
                                               problems_changed=False)) == {}

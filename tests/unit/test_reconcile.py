@@ -9,6 +9,7 @@ import ipaddress
 import random
 import sys
 
+import msgspec
 import pytest
 
 from ctlb import desired, errors, model
@@ -208,7 +209,7 @@ def test_drop_applies_to_the_frontends_that_take_the_cluster_ip_set(
     """iTP Local with endpoints elsewhere: the ClusterIP drops; a node port has the cluster-wide
     set (kube-proxy's short-circuit), unless it shares the ClusterIP's."""
     t = tables.memory_tables()
-    want = state(dataclasses.replace(local_only("web", backends=[], external=external), drop=True))
+    want = state(msgspec.structs.replace(local_only("web", backends=[], external=external), drop=True))
     reconcile.Reconciler(t).apply(want)
     flags = {str(f): bool(v.flags & tables.LB_F_DROP) for f, v in t[4].frontends.data.items()}
     assert flags == {"10.96.0.1:80/TCP": cluster_ip_drops, "172.18.0.3:30080/TCP": node_port_drops}
@@ -855,7 +856,7 @@ def test_the_digest_of_a_whole_state_is_the_sum_of_its_service_ports_digests() -
     sp("web", ["10.96.0.1"], ["10.244.0.2", "10.244.0.4"]),
     sp("web", ["10.96.0.1"], ["10.244.0.2"]),
     sp("web", ["10.96.0.1"], ["10.244.0.2", "10.244.0.3", "10.244.0.4"]),
-    dataclasses.replace(sp("web", ["10.96.0.1"], []), backends=(be("10.244.0.2"), be("10.244.0.3", 8081))),
+    msgspec.structs.replace(sp("web", ["10.96.0.1"], []), backends=(be("10.244.0.2"), be("10.244.0.3", 8081))),
     sp("web", ["10.96.0.1"], ["10.244.0.2", "10.244.0.3"], affinity=60),
     sp("web", ["10.96.0.2"], ["10.244.0.2", "10.244.0.3"]),
     sp("web", ["10.96.0.1", "10.96.0.2"], ["10.244.0.2", "10.244.0.3"]),

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import random
 
+import msgspec
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_components_pb2
@@ -36,7 +36,7 @@ def _service(
     families = tuple(dict.fromkeys(model.family_of(a) for a in addresses))
     service = model.Service(namespace=namespace, name=name, type=type, ports=ports, cluster_ips=addresses,
                             ip_families=families)
-    return dataclasses.replace(service, **fields)
+    return msgspec.structs.replace(service, **fields)
 
 
 def _slice(
@@ -343,7 +343,7 @@ def test_versions_are_content_digests_shared_by_equal_snapshots() -> None:
     one = snapshot.SnapshotBuilder(resources.Options()).build(state.service_ports, services, serial=1)
     other = snapshot.SnapshotBuilder(resources.Options()).build(state.service_ports, services, serial=7)
     assert one.versions() == other.versions()
-    renamed = dataclasses.replace(services[0], ports=(model.ServicePort("http", TCP, 81, 8080),))
+    renamed = msgspec.structs.replace(services[0], ports=(model.ServicePort("http", TCP, 81, 8080),))
     moved = planner.desired_state(services=[renamed], endpoint_slices=[_slice("10.244.0.5")], node=None)
     third = snapshot.SnapshotBuilder(resources.Options()).build(moved.service_ports, [renamed], serial=1)
     assert all(one.versions()[t] != third.versions()[t] for t in ("CDS", "EDS", "LDS", "RDS"))
