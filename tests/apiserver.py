@@ -117,6 +117,8 @@ class FakeApiServer:
         self._cond = threading.Condition()
         self._rv = 1000
         self._objects: dict[str, dict[tuple[str, str], Obj]] = {plural: {} for plural in RESOURCES}
+        # Each stored object's JSON as a list item, encoded on its first list (see _list_item).
+        self._item_json: dict[tuple[str, tuple[str, str]], tuple[Obj, bytes]] = {}
         self._history: list[_Event] = []
         self._base = 0  # sequence number of the oldest retained event
         self._compacted_rv = self._rv  # a watch from an older resourceVersion is answered 410
@@ -417,11 +419,22 @@ class FakeApiServer:
                 metadata["remainingItemCount"] = len(snapshot.items) - end
             else:
                 self._snapshots.pop(snapshot_id, None)
-        # Items of a typed list carry no kind and apiVersion, as the real server serves them.
-        items = [{k: v for k, v in obj.items() if k not in ("kind", "apiVersion")} for obj in page]
-        body = {"kind": f"{resource.kind}List", "apiVersion": resource.api_version, "metadata": metadata,
-                "items": items}
-        _send_json(handler, 200, body)
+        head = {"kind": f"{resource.kind}List", "apiVersion": resource.api_version, "metadata": metadata}
+        items = b",".join([self._list_item(resource, obj) for obj in page])
+        _send_bytes(handler, 200, _json(head)[:-1] + b',"items":[' + items + b"]}")
+
+    def _list_item(self, resource: ResourceType, obj: Obj) -> bytes:
+        """An object's JSON as a list item, without kind and apiVersion, as the real server serves
+        typed lists. Encoded once per stored version: a stored object is never changed, only
+        replaced. The real server serves lists from its watch cache, in Go, on other machines;
+        re-encoding 19 MB of EndpointSlices per list in Python, on the two cores the agent under
+        test runs on, made this server the pace of the start-up bench (bench/api_scale.py)."""
+        key = (resource.plural, _key(obj))
+        cached = self._item_json.get(key)
+        if cached is None or cached[0] is not obj:
+            cached = (obj, _json({k: v for k, v in obj.items() if k not in ("kind", "apiVersion")}))
+            self._item_json[key] = cached
+        return cached[1]
 
     def _serve_watch(self, handler: _Handler, resource: ResourceType, *, namespace: str | None,
                      selector: list[tuple[str, str, bool]], params: Mapping[str, str]) -> None:
@@ -738,8 +751,15 @@ def _status(code: int, reason: str, message: str) -> Obj:
             "reason": reason, "code": code}
 
 
+def _json(body: Obj) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
 def _send_json(handler: _Handler, code: int, body: Obj) -> None:
-    data = json.dumps(body, separators=(",", ":")).encode()
+    _send_bytes(handler, code, _json(body))
+
+
+def _send_bytes(handler: _Handler, code: int, data: bytes) -> None:
     handler.send_response(code)
     handler.send_header("Content-Type", "application/json")
     handler.send_header("Content-Length", str(len(data)))
