@@ -207,9 +207,13 @@ class Rig:
         self._floor_link: int | None = None
         # A meshed client needs the node-wide programs above its pod's own, as on a node: the
         # kernel runs the pod cgroup's redirect first, then the ancestors' connect4.
-        self.dp = datapath.Datapath.install(bpffs=self.bpffs,
-                                            cgroup=the_lab.cgroup_root if meshed_client else self.client.pod_cgroup,
-                                            sizes=programs.MapSizes())
+        try:
+            self.dp = datapath.Datapath.install(bpffs=self.bpffs,
+                                                cgroup=the_lab.cgroup_root if meshed_client else self.client.pod_cgroup,
+                                                sizes=programs.MapSizes())
+        except BaseException:
+            programs.uninstall(self.bpffs)  # a failed compile or load leaves no pin folder behind
+            raise
         client = self.addr(self.client)
         gate_ranges = (ipaddress.ip_network(client), ipaddress.ip_network("203.0.113.0/24" if not ipv6 else "2001:db8::/32"))
         state = desired_state(n, [self.addr(p) for p in self.backends], node_ip=self.addr(the_lab.node),
