@@ -186,7 +186,8 @@ def _prog_stats(bpffs: pathlib.Path, extra: dict[str, int] | None = None) -> dic
 
 
 class Rig:
-    """The lab node, its pods and servers, and the datapath on the client pod's cgroup."""
+    """The lab node, its pods and servers, and the datapath on the client pod's cgroup (on the
+    lab's cgroup above every pod with a meshed client)."""
 
     def __init__(self, the_lab: ctlb_lab.Lab, *, n: int, nodeport: bool, ipv6: bool = False,
                  drop: bool = False, mesh: bool = False, gate: bool = False, affinity: bool = False,
@@ -214,6 +215,16 @@ class Rig:
         except BaseException:
             programs.uninstall(self.bpffs)  # a failed compile or load leaves no pin folder behind
             raise
+        try:
+            self._program(n, nodeport=nodeport, drop=drop, mesh=mesh, gate=gate, affinity=affinity,
+                          meshed_client=meshed_client)
+        except BaseException:
+            self.close()  # nor does a failure to program it
+            raise
+
+    def _program(self, n: int, *, nodeport: bool, drop: bool, mesh: bool, gate: bool, affinity: bool,
+                 meshed_client: bool) -> None:
+        ipv6, the_lab = self.ipv6, self.lab
         client = self.addr(self.client)
         gate_ranges = (ipaddress.ip_network(client), ipaddress.ip_network("203.0.113.0/24" if not ipv6 else "2001:db8::/32"))
         state = desired_state(n, [self.addr(p) for p in self.backends], node_ip=self.addr(the_lab.node),
