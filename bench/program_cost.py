@@ -171,7 +171,7 @@ _PEER_CLIENT = textwrap.dedent("""
 """)
 
 
-def _prog_stats(bpffs: pathlib.Path, extra: dict[str, int] | None = None) -> dict[str, tuple[int, int]]:
+def prog_stats(bpffs: pathlib.Path, extra: dict[str, int] | None = None) -> dict[str, tuple[int, int]]:
     """run_time_ns and run_cnt of every program attached through ctlb's links, and of `extra`
     programs (name -> id)."""
     ids = {a.hook: a.prog_id for a in programs.attachments(bpffs)}
@@ -378,7 +378,7 @@ def measure(rig: Rig, phase: str, seconds: float) -> dict[str, Any]:
         return out
     be = str(rig.addr(rig.backends[0]))
     node = str(rig.addr(rig.lab.node))
-    before = _prog_stats(rig.bpffs, rig.extra_programs)
+    before = prog_stats(rig.bpffs, rig.extra_programs)
     if phase == "crr":
         seen = rig.crr(seconds, host=rig.service())
     elif phase == "crr-lb":
@@ -403,7 +403,7 @@ def measure(rig: Rig, phase: str, seconds: float) -> dict[str, Any]:
         seen = rig.blast(seconds)
     else:
         raise ValueError(phase)
-    after = _prog_stats(rig.bpffs, rig.extra_programs)
+    after = prog_stats(rig.bpffs, rig.extra_programs)
     progs = {}
     for hook, (ns, cnt) in after.items():
         d_ns, d_cnt = ns - before.get(hook, (0, 0))[0], cnt - before.get(hook, (0, 0))[1]

@@ -26,7 +26,7 @@ from typing import Any
 from bench import kubeproxy, loadgen, program_cost, report, topology
 from bench.topology import Mode
 from ctlb import lab as ctlb_lab
-from ctlb.datapath import inspect, libbpf, maps, programs
+from ctlb.datapath import inspect, libbpf, maps
 
 Sample = dict[str, Any]
 
@@ -158,14 +158,14 @@ def bpf_program_cost(node: topology.BenchNode, n: int, *, seconds: float) -> Sam
 def _workload_cost(node: topology.BenchNode, *, seconds: float) -> dict[str, dict[str, float | None]]:
     stats_fd = libbpf.enable_stats()
     try:
-        before = _prog_stats(node)
+        before = program_cost.prog_stats(node.bpffs)
         loadgen.tcp_crr(node.ctlb_client, host=topology.cluster_ip(0), port=topology.PORT_CRR, seconds=seconds,
                         cpu=topology.CLIENT_CPU)
         loadgen.udp_rr(node.ctlb_client, host=topology.cluster_ip(0), port=topology.PORT_UDP,
                        seconds=seconds / 2, cpu=topology.CLIENT_CPU, connected=False)
         program_cost.getpeername_loop(node.ctlb_client, host=topology.cluster_ip(0), port=topology.PORT_CRR,
                                       seconds=seconds / 2, cpu=topology.CLIENT_CPU)
-        after = _prog_stats(node)
+        after = program_cost.prog_stats(node.bpffs)
     finally:
         os.close(stats_fd)
     cost: dict[str, dict[str, float | None]] = {}
@@ -173,15 +173,6 @@ def _workload_cost(node: topology.BenchNode, *, seconds: float) -> dict[str, dic
         d_ns, d_cnt = ns - before[hook][0], cnt - before[hook][1]
         cost[hook] = {"calls": d_cnt, "ns_per_call": d_ns / d_cnt if d_cnt else None}
     return cost
-
-
-def _prog_stats(node: topology.BenchNode) -> dict[str, tuple[int, int]]:
-    stats = {}
-    for a in programs.attachments(node.bpffs):
-        info = json.loads(subprocess.run(["bpftool", "prog", "show", "id", str(a.prog_id), "-j"],
-                                         capture_output=True, text=True, check=True).stdout)
-        stats[a.hook] = (info.get("run_time_ns", 0), info.get("run_cnt", 0))
-    return stats
 
 
 def map_memory(node: topology.BenchNode) -> Sample:
