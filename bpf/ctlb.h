@@ -17,12 +17,16 @@
  *   CTLB_BACKENDS_MAX   backend slots per address family
  *   CTLB_SOCK_SLOTS     slots of each per-socket reverse-NAT table (a power of two)
  *   CTLB_REVNAT_MAX     entries of each spill reverse-NAT map (LRU)
- *   CTLB_AFFINITY_MAX   entries of each session-affinity map (LRU)
+ *   CTLB_AFFINITY_SLOTS slots of each session-affinity table (a power of two, at least
+ *                       CTLB_AFFINITY_WAYS)
  *   CTLB_PODS_MAX       pods of this node the programs know (mesh mode, addresses)
  *   CTLB_MESH_RULES_MAX entries of each mesh exclusion map (ranges, ports)
  *   CTLB_MESH_CONN_SLOTS slots of each original-destination table (a power of two, at least
  *                       CTLB_MESH_WAYS)
  *   CTLB_SOURCE_RANGES_MAX entries of each loadBalancerSourceRanges map (LPM)
+ *   CTLB_HZ             the running kernel's CONFIG_HZ (jiffies a second), when user space
+ *                       could read it: session affinity then keeps time in jiffies, which the
+ *                       verifier inlines, instead of calling for the coarse clock
  *   CTLB_LAYOUT_ONLY    declare the maps unpinned with one entry: lets a read-only command
  *                       learn the layouts without creating or touching any pin.
  */
@@ -46,9 +50,11 @@
 #ifndef CTLB_REVNAT_MAX
 #define CTLB_REVNAT_MAX 32768
 #endif
-#ifndef CTLB_AFFINITY_MAX
-#define CTLB_AFFINITY_MAX 131072
+#ifndef CTLB_AFFINITY_SLOTS
+#define CTLB_AFFINITY_SLOTS 131072
 #endif
+/* Slots of a session-affinity table one client's entry may sit in (see struct lb4_affinity). */
+#define CTLB_AFFINITY_WAYS 4
 #ifndef CTLB_PODS_MAX
 #define CTLB_PODS_MAX 4096
 #endif
@@ -291,24 +297,36 @@ struct lb_affinity_key {
 	__u32 pad;
 };
 
-/* A client's backend. `slot` is where the backend sat in the set it was picked from: while
- * that slot of the frontend's current set still holds it, it is still a member, which an inlined
- * ARRAY read shows (a member hash lookup is a call, ~40 ns here). */
+/* One slot of a session-affinity table: an ARRAY, not an LRU hash, whose lookup is two calls
+ * (the hash walk and memcmp, ~70 ns here) where a slot is an inlined load.
+ *
+ * A client's entry for a service port sits in the set of CTLB_AFFINITY_WAYS adjacent slots its
+ * key hashes to: in the slot holding its key, else in the least recently used one (last_used 0:
+ * empty), so it is lost only once CTLB_AFFINITY_WAYS other entries of its set were used since.
+ * Slots are written without a lock: an entry torn by two writers at once names a backend that
+ * the reader checks against the frontend's current set, as it checks every entry, so the
+ * client is at worst held to another backend of the set, or balanced afresh.
+ *
+ * The backend's `slot` is where it sat in the set it was picked from: while that slot of the
+ * frontend's current set still holds it, it is still a member, which an inlined ARRAY read shows
+ * (a member hash lookup is a call, ~40 ns here). */
 struct lb4_affinity {
-	__u64 last_used_ns; /* bpf_ktime_get_coarse_ns() of the last connect that used it */
+	struct lb_affinity_key key;
+	__u64 last_used; /* affinity_now() (sock.c) of the last connect that used it; 0: empty */
 	__be32 addr;
 	__be16 port;
 	__u16 pad;
-	__u32 slot;         /* index in ctlb_be4_v2 */
+	__u32 slot;      /* index in ctlb_be4_v2 */
 	__u32 pad2;
 };
 
 struct lb6_affinity {
-	__u64 last_used_ns;
+	struct lb_affinity_key key;
+	__u64 last_used;
 	__be32 addr[4];
 	__be16 port;
 	__u16 pad;
-	__u32 slot;         /* index in ctlb_be6_v2 */
+	__u32 slot;      /* index in ctlb_be6_v2 */
 	__u32 pad2;
 };
 
@@ -542,8 +560,8 @@ CTLB_MAP("array", __u32, struct lb4_sock, ctlb_sock4, CTLB_SOCK_SLOTS, BPF_F_MMA
 CTLB_MAP("array", __u32, struct lb6_sock, ctlb_sock6, CTLB_SOCK_SLOTS, BPF_F_MMAPABLE);
 CTLB_MAP("lru_hash", struct lb4_revnat_key, struct lb4_revnat, ctlb_revnat4, CTLB_REVNAT_MAX, 0);
 CTLB_MAP("lru_hash", struct lb6_revnat_key, struct lb6_revnat, ctlb_revnat6, CTLB_REVNAT_MAX, 0);
-CTLB_MAP("lru_hash", struct lb_affinity_key, struct lb4_affinity, ctlb_aff4_v2, CTLB_AFFINITY_MAX, 0);
-CTLB_MAP("lru_hash", struct lb_affinity_key, struct lb6_affinity, ctlb_aff6_v2, CTLB_AFFINITY_MAX, 0);
+CTLB_MAP("array", __u32, struct lb4_affinity, ctlb_aff4_v3, CTLB_AFFINITY_SLOTS, 0);
+CTLB_MAP("array", __u32, struct lb6_affinity, ctlb_aff6_v3, CTLB_AFFINITY_SLOTS, 0);
 CTLB_MAP("lpm_trie", struct lb4_source_key, __u8, ctlb_lb_src4, CTLB_SOURCE_RANGES_MAX, BPF_F_NO_PREALLOC);
 CTLB_MAP("lpm_trie", struct lb6_source_key, __u8, ctlb_lb_src6, CTLB_SOURCE_RANGES_MAX, BPF_F_NO_PREALLOC);
 CTLB_MAP("array", __u32, struct ctlb_settings, ctlb_settings_v2, 1, 0);

@@ -17,8 +17,9 @@
  * Cost: see the header. The translating path reads ARRAY maps only (lookups inlined by the
  * verifier) and calls one helper, bpf_get_socket_cookie(); bpf_jiffies64() is inlined too. The
  * pick mixes the cookie (new for every socket) with jiffies instead of calling
- * bpf_get_prandom_u32(). Session affinity is the slow path: two helpers (the client's netns
- * cookie, the coarse clock) and an LRU lookup, each a call (~40 ns apiece on this kind of VM).
+ * bpf_get_prandom_u32(). Session affinity adds a helper call (~40 ns on this kind of VM), the
+ * client's netns cookie, and reads its table's slots inline; where the kernel's HZ is unknown,
+ * the coarse clock is a second call (see affinity_now()).
  */
 #include "ctlb.h"
 
@@ -174,12 +175,43 @@ static __always_inline int fe_copy(const __u32 *genp, const struct lb_frontend *
 	return -EAGAIN;
 }
 
-/* Affinity times come from the coarse clock (CLOCK_MONOTONIC_COARSE, one tick of resolution):
- * timeouts are whole seconds, and reading the fine clock costs every connect to such a Service
- * a clock-source read. */
+/* Affinity time: timeouts are whole seconds, so one tick of resolution is plenty. In jiffies
+ * when user space told the kernel's HZ (the verifier inlines bpf_jiffies64(): a load), else
+ * from the coarse clock (a helper call, ~40 ns here). An entry written under the other clock
+ * (an agent upgrade or downgrade) is misread at most until its client's next pick: nanoseconds
+ * read as jiffies lie in the future (stale), jiffies read as nanoseconds may pass for fresh, and
+ * its backend is still checked against the current set. */
+#if defined(CTLB_HZ) && CTLB_HZ > 0
+#define AFFINITY_TICKS_PER_SEC ((__u64)CTLB_HZ)
+static __always_inline __u64 affinity_now(void)
+{
+	return bpf_jiffies64();
+}
+#else
+#define AFFINITY_TICKS_PER_SEC CTLB_NSEC_PER_SEC
+static __always_inline __u64 affinity_now(void)
+{
+	return bpf_ktime_get_coarse_ns();
+}
+#endif
+
 static __always_inline bool affinity_fresh(const struct lb_frontend *fe, __u64 last_used, __u64 now)
 {
-	return now - last_used <= (__u64)fe->affinity_timeout * CTLB_NSEC_PER_SEC;
+	return now - last_used <= (__u64)fe->affinity_timeout * AFFINITY_TICKS_PER_SEC;
+}
+
+/* The first slot of the set of a client's entry in the session-affinity tables (struct
+ * lb4_affinity). Netns cookies and svc_ids are both small counters: the mix spreads them. */
+static __always_inline __u32 affinity_set(const struct lb_affinity_key *key)
+{
+	__u64 hash = ctlb_mix64(key->client ^ ((__u64)key->svc_id << 32));
+
+	return (__u32)hash & (CTLB_AFFINITY_SLOTS - 1) & ~(__u32)(CTLB_AFFINITY_WAYS - 1);
+}
+
+static __always_inline bool affinity_key_eq(const struct lb_affinity_key *slot, const struct lb_affinity_key *key)
+{
+	return READ_U64(&slot->client) == key->client && READ_U32(&slot->svc_id) == key->svc_id;
 }
 
 /* Turns a worker's result into the hook's verdict. */
@@ -503,39 +535,108 @@ static __always_inline struct lb4_sock *lb4_sock_slot(__u64 cookie)
 	return ctlb_sock4.lookup(&idx);
 }
 
-/* The affinity entry's backend, if it is fresh and still in the service port's set. */
+static __always_inline struct lb4_affinity *lb4_affinity_slot(__u32 idx)
+{
+	return ctlb_aff4_v3.lookup(&idx);
+}
+
+/* The slot holding the client's entry, or NULL. */
+static __always_inline struct lb4_affinity *lb4_affinity_find(const struct lb_affinity_key *key)
+{
+	__u32 set = affinity_set(key);
+
+#pragma unroll
+	for (int i = 0; i < CTLB_AFFINITY_WAYS; i++) {
+		struct lb4_affinity *a = lb4_affinity_slot(set + i);
+
+		if (a && affinity_key_eq(&a->key, key))
+			return a;
+	}
+	return NULL;
+}
+
+/* Where the client's new entry goes: the slot holding its key, else the least recently used
+ * of its set. */
+static __always_inline struct lb4_affinity *lb4_affinity_victim(const struct lb_affinity_key *key)
+{
+	struct lb4_affinity *victim = NULL;
+	__u32 set = affinity_set(key);
+	__u64 oldest = ~0ULL;
+
+#pragma unroll
+	for (int i = 0; i < CTLB_AFFINITY_WAYS; i++) {
+		struct lb4_affinity *a = lb4_affinity_slot(set + i);
+		__u64 used;
+
+		if (!a)
+			break;
+		if (affinity_key_eq(&a->key, key))
+			return a;
+		used = READ_U64(&a->last_used);
+		if (used < oldest) {
+			oldest = used;
+			victim = a;
+		}
+	}
+	return victim;
+}
+
+/* The affinity entry's backend, if it is fresh and still in the service port's set. The entry
+ * is read once into locals: another CPU may rewrite the slot meanwhile (see struct lb4_affinity). */
 static __always_inline bool lb4_affinity_backend(const struct lb_frontend *fe,
-						 struct lb_affinity_key *akey, __u64 now,
+						 const struct lb_affinity_key *akey, __u64 now,
 						 struct lb4_backend *out)
 {
-	struct lb4_affinity *aff = ctlb_aff4_v2.lookup(akey);
+	struct lb4_affinity *aff = lb4_affinity_find(akey);
 	struct lb4_member_key mkey = {};
 	struct lb4_backend *be;
+	__be32 addr;
+	__be16 port;
 	__u32 slot;
 
-	if (!aff || !affinity_fresh(fe, aff->last_used_ns, now))
+	if (!aff || !affinity_fresh(fe, READ_U64(&aff->last_used), now))
 		return false;
-	slot = aff->slot;
+	addr = READ_U32(&aff->addr);
+	port = *(volatile __be16 *)&aff->port;
+	slot = READ_U32(&aff->slot);
 	be = ctlb_be4_v2.lookup(&slot);
-	if (!be || be->set_id != fe->set_id || be->addr != aff->addr || be->port != aff->port) {
+	if (!be || be->set_id != fe->set_id || be->addr != addr || be->port != port) {
 		/* The set changed since: is the backend in the new one? */
 		mkey.svc_id = fe->svc_id;
-		mkey.addr = aff->addr;
-		mkey.port = aff->port;
+		mkey.addr = addr;
+		mkey.port = port;
 		if (!ctlb_member4.lookup(&mkey))
 			return false;
 	}
-	aff->last_used_ns = now;
-	out->addr = aff->addr;
-	out->port = aff->port;
+	aff->last_used = now;
+	out->addr = addr;
+	out->port = port;
 	return true;
+}
+
+/* Records the client's backend: key first, last_used last, so that a reader seeing a fresh
+ * entry of its key sees the backend written with it (or a torn one, which it checks). */
+static __always_inline void lb4_affinity_remember(const struct lb_affinity_key *akey, __u64 now,
+						  const struct lb4_backend *be, __u32 slot)
+{
+	struct lb4_affinity *a = lb4_affinity_victim(akey);
+
+	if (!a)
+		return;
+	a->last_used = 0;
+	barrier();
+	a->key = *akey;
+	a->addr = be->addr;
+	a->port = be->port;
+	a->slot = slot;
+	barrier();
+	a->last_used = now;
 }
 
 static __always_inline int lb4_pick_backend(void *ctx, const struct lb_frontend *fe, __u64 cookie,
 					    struct lb_why *why, struct lb4_backend *out)
 {
 	struct lb_affinity_key akey = {};
-	struct lb4_affinity aff = {};
 	struct lb4_backend *be;
 	__u64 now = 0;
 	__u32 slot;
@@ -543,7 +644,7 @@ static __always_inline int lb4_pick_backend(void *ctx, const struct lb_frontend 
 	if (fe->flags & LB_F_AFFINITY) {
 		akey.client = bpf_get_netns_cookie(ctx);
 		akey.svc_id = fe->svc_id;
-		now = bpf_ktime_get_coarse_ns();
+		now = affinity_now();
 		if (lb4_affinity_backend(fe, &akey, now, out)) {
 			why->verdict = TRACE_V_AFFINITY;
 			return 0;
@@ -557,13 +658,8 @@ static __always_inline int lb4_pick_backend(void *ctx, const struct lb_frontend 
 		return -EHOSTUNREACH;
 	out->addr = be->addr;
 	out->port = be->port;
-	if (fe->flags & LB_F_AFFINITY) {
-		aff.last_used_ns = now;
-		aff.addr = be->addr;
-		aff.port = be->port;
-		aff.slot = slot;
-		ctlb_aff4_v2.update(&akey, &aff);
-	}
+	if (fe->flags & LB_F_AFFINITY)
+		lb4_affinity_remember(&akey, now, out, slot);
 	return 0;
 }
 
@@ -941,38 +1037,103 @@ static __always_inline struct lb6_sock *lb6_sock_slot(__u64 cookie)
 	return ctlb_sock6.lookup(&idx);
 }
 
+static __always_inline struct lb6_affinity *lb6_affinity_slot(__u32 idx)
+{
+	return ctlb_aff6_v3.lookup(&idx);
+}
+
+static __always_inline struct lb6_affinity *lb6_affinity_find(const struct lb_affinity_key *key)
+{
+	__u32 set = affinity_set(key);
+
+#pragma unroll
+	for (int i = 0; i < CTLB_AFFINITY_WAYS; i++) {
+		struct lb6_affinity *a = lb6_affinity_slot(set + i);
+
+		if (a && affinity_key_eq(&a->key, key))
+			return a;
+	}
+	return NULL;
+}
+
+static __always_inline struct lb6_affinity *lb6_affinity_victim(const struct lb_affinity_key *key)
+{
+	struct lb6_affinity *victim = NULL;
+	__u32 set = affinity_set(key);
+	__u64 oldest = ~0ULL;
+
+#pragma unroll
+	for (int i = 0; i < CTLB_AFFINITY_WAYS; i++) {
+		struct lb6_affinity *a = lb6_affinity_slot(set + i);
+		__u64 used;
+
+		if (!a)
+			break;
+		if (affinity_key_eq(&a->key, key))
+			return a;
+		used = READ_U64(&a->last_used);
+		if (used < oldest) {
+			oldest = used;
+			victim = a;
+		}
+	}
+	return victim;
+}
+
 static __always_inline bool lb6_affinity_backend(const struct lb_frontend *fe,
-						 struct lb_affinity_key *akey, __u64 now,
+						 const struct lb_affinity_key *akey, __u64 now,
 						 struct lb6_backend *out)
 {
-	struct lb6_affinity *aff = ctlb_aff6_v2.lookup(akey);
+	struct lb6_affinity *aff = lb6_affinity_find(akey);
 	struct lb6_member_key mkey = {};
 	struct lb6_backend *be;
+	__be32 addr[4];
+	__be16 port;
 	__u32 slot;
 
-	if (!aff || !affinity_fresh(fe, aff->last_used_ns, now))
+	if (!aff || !affinity_fresh(fe, READ_U64(&aff->last_used), now))
 		return false;
-	slot = aff->slot;
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		addr[i] = READ_U32(&aff->addr[i]);
+	port = *(volatile __be16 *)&aff->port;
+	slot = READ_U32(&aff->slot);
 	be = ctlb_be6_v2.lookup(&slot);
-	if (!be || be->set_id != fe->set_id || !ip6_eq(be->addr, aff->addr) || be->port != aff->port) {
+	if (!be || be->set_id != fe->set_id || !ip6_eq(be->addr, addr) || be->port != port) {
 		/* The set changed since: is the backend in the new one? */
 		mkey.svc_id = fe->svc_id;
-		copy_ip6(mkey.addr, aff->addr);
-		mkey.port = aff->port;
+		copy_ip6(mkey.addr, addr);
+		mkey.port = port;
 		if (!ctlb_member6.lookup(&mkey))
 			return false;
 	}
-	aff->last_used_ns = now;
-	copy_ip6(out->addr, aff->addr);
-	out->port = aff->port;
+	aff->last_used = now;
+	copy_ip6(out->addr, addr);
+	out->port = port;
 	return true;
+}
+
+static __always_inline void lb6_affinity_remember(const struct lb_affinity_key *akey, __u64 now,
+						  const struct lb6_backend *be, __u32 slot)
+{
+	struct lb6_affinity *a = lb6_affinity_victim(akey);
+
+	if (!a)
+		return;
+	a->last_used = 0;
+	barrier();
+	a->key = *akey;
+	copy_ip6(a->addr, be->addr);
+	a->port = be->port;
+	a->slot = slot;
+	barrier();
+	a->last_used = now;
 }
 
 static __always_inline int lb6_pick_backend(void *ctx, const struct lb_frontend *fe, __u64 cookie,
 					    struct lb_why *why, struct lb6_backend *out)
 {
 	struct lb_affinity_key akey = {};
-	struct lb6_affinity aff = {};
 	struct lb6_backend *be;
 	__u64 now = 0;
 	__u32 slot;
@@ -980,7 +1141,7 @@ static __always_inline int lb6_pick_backend(void *ctx, const struct lb_frontend 
 	if (fe->flags & LB_F_AFFINITY) {
 		akey.client = bpf_get_netns_cookie(ctx);
 		akey.svc_id = fe->svc_id;
-		now = bpf_ktime_get_coarse_ns();
+		now = affinity_now();
 		if (lb6_affinity_backend(fe, &akey, now, out)) {
 			why->verdict = TRACE_V_AFFINITY;
 			return 0;
@@ -992,13 +1153,8 @@ static __always_inline int lb6_pick_backend(void *ctx, const struct lb_frontend 
 		return -EHOSTUNREACH;
 	copy_ip6(out->addr, be->addr);
 	out->port = be->port;
-	if (fe->flags & LB_F_AFFINITY) {
-		aff.last_used_ns = now;
-		copy_ip6(aff.addr, be->addr);
-		aff.port = be->port;
-		aff.slot = slot;
-		ctlb_aff6_v2.update(&akey, &aff);
-	}
+	if (fe->flags & LB_F_AFFINITY)
+		lb6_affinity_remember(&akey, now, out, slot);
 	return 0;
 }
 

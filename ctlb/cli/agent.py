@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-frontends", type=int, default=sizes.frontends, help="entries per frontend map")
     p.add_argument("--max-backends", type=int, default=sizes.backends, help="entries per backend map")
     p.add_argument("--max-revnat", type=int, default=sizes.revnat, help="entries per socket reverse-NAT map")
-    p.add_argument("--max-affinity", type=int, default=sizes.affinity, help="entries per affinity map")
+    p.add_argument("--max-affinity", type=int, default=sizes.affinity,
+                   help="slots per session-affinity table (clients times Services with affinity; rounded up to a power of two)")
     p.add_argument("--max-mesh-conns", type=int, default=sizes.mesh_conns,
                    help="slots per original-destination table (meshed pods' connections the sidecar has not "
                         "asked about yet; rounded up to a power of two)")

@@ -21,7 +21,7 @@ BACKENDS = {4: "ctlb_be4_v2", 6: "ctlb_be6_v2"}  # ARRAY: backend sets as contig
 MEMBERS = {4: "ctlb_member4", 6: "ctlb_member6"}
 SOCKETS = {4: "ctlb_sock4", 6: "ctlb_sock6"}  # ARRAY: per-socket reverse NAT, written by the programs
 REVNAT = {4: "ctlb_revnat4", 6: "ctlb_revnat6"}  # LRU: per-socket reverse NAT that spilled
-AFFINITY = {4: "ctlb_aff4_v2", 6: "ctlb_aff6_v2"}  # LRU: ClientIP session affinity
+AFFINITY = {4: "ctlb_aff4_v3", 6: "ctlb_aff6_v3"}  # sets of slots: ClientIP session affinity
 SOURCE_RANGES = {4: "ctlb_lb_src4", 6: "ctlb_lb_src6"}  # LPM: loadBalancerSourceRanges by svc_id
 SETTINGS = "ctlb_settings_v2"  # ARRAY of one: node-wide settings
 PODS = "ctlb_pods"  # this node's pods by pod cgroup id
@@ -44,7 +44,7 @@ ARRAYS = frozenset((*FRONTENDS.values(), *BACKENDS.values(), *SOCKETS.values()))
 # Pins of earlier layouts. No program of this version reads them: they are removed once this
 # version's programs are attached, and by uninstall.
 LEGACY_MAPS: tuple[str, ...] = ("ctlb_fe4", "ctlb_fe6", "ctlb_be4", "ctlb_be6", "ctlb_settings", "ctlb_aff4", "ctlb_aff6",
-                                 "ctlb_mesh_conn4", "ctlb_mesh_conn6")
+                                 "ctlb_mesh_conn4", "ctlb_mesh_conn6", "ctlb_aff4_v2", "ctlb_aff6_v2")
 
 
 def bpf_source_dir() -> pathlib.Path:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import structlog
 
 from ctlb import errors
-from ctlb.datapath import cgroup, libbpf, maps
+from ctlb.datapath import cgroup, kernelconf, libbpf, maps
 
 log = structlog.get_logger()
 
@@ -97,6 +97,7 @@ POD_HOOKS: tuple[Hook, ...] = (
 )
 POD_LINK_PREFIX = "link_pod_"  # + "<pod cgroup id>_<hook name>"
 MESH_WAYS = 4  # CTLB_MESH_WAYS: slots of an original-destination table one connection may sit in
+AFFINITY_WAYS = 4  # CTLB_AFFINITY_WAYS: slots of a session-affinity table one client's entry may sit in
 
 # Link pins of node-wide hooks earlier versions attached: sock_ops and getsockopt, which now hang
 # on the meshed pods. Detached once this version's programs are attached, and by uninstall.
@@ -114,7 +115,7 @@ class MapSizes:
     frontends: int = 65536  # per family; the frontend tables have twice as many slots
     backends: int = 524288  # backend slots per family
     revnat: int = 262144  # per-socket reverse-NAT slots per family (rounded up to a power of two)
-    affinity: int = 131072
+    affinity: int = 131072  # per family: session-affinity slots (rounded up to a power of two)
     pods: int = 4096  # pods of this node
     mesh_rules: int = 65536  # per map: mesh exclusion ranges and ports, all pods together
     mesh_conns: int = 65536  # per family: original destinations of redirected connections (slots)
@@ -134,6 +135,11 @@ class MapSizes:
         return 1 << max(self.mesh_conns - 1, MESH_WAYS - 1).bit_length()
 
     @property
+    def affinity_slots(self) -> int:
+        """Slots of each session-affinity table: a power of two, whole sets of ways."""
+        return 1 << max(self.affinity - 1, AFFINITY_WAYS - 1).bit_length()
+
+    @property
     def revnat_spill(self) -> int:
         """Entries of the LRU that takes the peers a socket's slot has no room for: rare."""
         return max(self.revnat // 8, 1024)
@@ -149,7 +155,7 @@ class MapSizes:
         if name in maps.REVNAT.values():
             return self.revnat_spill
         if name in maps.AFFINITY.values():
-            return self.affinity
+            return self.affinity_slots
         if name in (maps.SETTINGS, maps.TRACE_CTL):
             return 1
         if name == maps.PODS:
@@ -193,10 +199,11 @@ def _on_bpffs(path: pathlib.Path) -> bool:
 
 def sizes_of_pins(bpffs: pathlib.Path, sizes: MapSizes) -> MapSizes:
     """`sizes`, with the table sizes the programs compute with taken from the pinned maps if
-    they exist: the programs compute home slots from the frontend table size and socket slots
-    from the socket table size, which must be those of the maps they open."""
+    they exist: the programs compute home slots from the frontend table size, and socket slots,
+    affinity sets and original-destination sets from those tables' sizes, which must be those
+    of the maps they open."""
     found: dict[str, int] = {}
-    for name in (maps.FRONTENDS[4], maps.SOCKETS[4]):
+    for name in (maps.FRONTENDS[4], maps.SOCKETS[4], maps.AFFINITY[4], maps.MESH_CONNS[4]):
         try:
             fd = libbpf.obj_get(str(bpffs / name))
         except libbpf.BpfError as exc:
@@ -208,8 +215,9 @@ def sizes_of_pins(bpffs: pathlib.Path, sizes: MapSizes) -> MapSizes:
         finally:
             os.close(fd)
     frontends = found[maps.FRONTENDS[4]] // 2 if maps.FRONTENDS[4] in found else sizes.frontends
-    revnat = found.get(maps.SOCKETS[4], sizes.revnat)
-    return dataclasses.replace(sizes, frontends=frontends, revnat=revnat)
+    return dataclasses.replace(sizes, frontends=frontends, revnat=found.get(maps.SOCKETS[4], sizes.revnat),
+                               affinity=found.get(maps.AFFINITY[4], sizes.affinity),
+                               mesh_conns=found.get(maps.MESH_CONNS[4], sizes.mesh_conns))
 
 
 def compile_and_load(bpffs: pathlib.Path, sizes: MapSizes) -> tuple[object, dict[str, int]]:
@@ -228,13 +236,16 @@ def compile_and_load(bpffs: pathlib.Path, sizes: MapSizes) -> tuple[object, dict
         f"-DCTLB_BACKENDS_MAX={sizes.backends}",
         f"-DCTLB_SOCK_SLOTS={sizes.sock_slots}",
         f"-DCTLB_REVNAT_MAX={sizes.revnat_spill}",
-        f"-DCTLB_AFFINITY_MAX={sizes.affinity}",
+        f"-DCTLB_AFFINITY_SLOTS={sizes.affinity_slots}",
         f"-DCTLB_PODS_MAX={sizes.pods}",
         f"-DCTLB_MESH_RULES_MAX={sizes.mesh_rules}",
         f"-DCTLB_MESH_CONN_SLOTS={sizes.mesh_conn_slots}",
         f"-DCTLB_SOURCE_RANGES_MAX={sizes.source_ranges}",
         "-w",
     ]
+    hz = kernelconf.kernel_hz()
+    if hz is not None:
+        cflags.append(f"-DCTLB_HZ={hz}")
     try:
         bpf = BPF(text=program_text(src), cflags=cflags)
         fds = {h.program: bpf.load_func(h.program.encode(), h.prog_type,

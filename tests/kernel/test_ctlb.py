@@ -581,6 +581,29 @@ def test_session_affinity_survives_set_changes_that_keep_its_backend(cluster: Cl
     assert len(moved) == 1 and moved != held
 
 
+def test_a_full_affinity_set_gives_up_its_least_recently_used_client(cluster: Cluster) -> None:
+    """A table of one set of four slots (`--max-affinity 4`) and five clients: the fifth takes the
+    slot of the client used longest ago, and the other four stay held. With six backends, a
+    client whose entry was lost instead would be re-balanced onto another one 5 times in 6."""
+    pods = web_backends(cluster, 6)
+    clients = [cluster.lab.add_pod(f"client{i}") for i in range(5)]
+    cluster.write("web", web_service(pods, affinity_timeout=600))
+    cluster.start_agent("--max-affinity", "4")
+
+    def backend(client) -> str:
+        time.sleep(0.05)  # several jiffies apart: the set orders its entries by last use
+        return http_requests(client, CLUSTER_IP, 80)[0]["backend"]
+
+    held = {i: backend(c) for i, c in enumerate(clients[:4])}
+    assert {i: backend(c) for i, c in enumerate(clients[:4])} == held, "four clients fill one set"
+    for i in (1, 2, 3, 0):  # client1 is now the least recently used
+        assert backend(clients[i]) == held[i]
+    held[4] = backend(clients[4])
+
+    kept = {i: {backend(clients[i]) for _ in range(3)} for i in (0, 2, 3, 4)}
+    assert kept == {i: {held[i]} for i in (0, 2, 3, 4)}
+
+
 def test_session_affinity_expires_after_its_timeout(cluster: Cluster) -> None:
     pods = web_backends(cluster)
     client = cluster.lab.add_pod("client")

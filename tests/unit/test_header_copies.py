@@ -157,3 +157,11 @@ def test_mesh_ways_match_the_header_and_tables_hold_whole_sets() -> None:
     for asked in (1, 3, 4, 5, 65536, 65537):
         slots = programs.MapSizes(mesh_conns=asked).mesh_conn_slots
         assert slots >= max(asked, programs.MESH_WAYS) and slots & (slots - 1) == 0
+
+
+def test_affinity_ways_match_the_header_and_tables_hold_whole_sets() -> None:
+    found = re.search(r"^#define CTLB_AFFINITY_WAYS (\d+)$", _header(), re.M)
+    assert found is not None and int(found[1]) == programs.AFFINITY_WAYS
+    for asked in (1, 3, 4, 5, 131072, 131073):
+        slots = programs.MapSizes(affinity=asked).affinity_slots
+        assert slots >= max(asked, programs.AFFINITY_WAYS) and slots & (slots - 1) == 0
