@@ -54,15 +54,15 @@ def inspect(bpffs: pathlib.Path) -> Inspection | None:
 
 def _fill(m: maps.PinnedMap) -> MapFill:
     """Entries in use. An ARRAY map has every index: what counts there is a USED frontend slot
-    (out of half the slots, the table's capacity), a backend slot with a set, a socket slot with
-    a cookie."""
-    if m.name not in maps.ARRAYS:
-        return MapFill(m.name, sum(1 for _ in m.keys()), m.max_entries)
+    (out of half the slots, the table's capacity), or a slot whose in-use field is set (a backend
+    slot with a set, a socket slot with a cookie, an affinity or original-destination slot ever
+    written: maps.ARRAY_IN_USE)."""
     if m.name in maps.FRONTENDS.values():
         values = _field_values(m, ("key", "state"))
         return MapFill(m.name, sum(1 for v in values if v == tables.SLOT_USED), m.max_entries // 2)
-    field = ("set_id",) if m.name in maps.BACKENDS.values() else ("cookie",)
-    return MapFill(m.name, sum(1 for v in _field_values(m, field) if v), m.max_entries)
+    if m.name in maps.ARRAY_IN_USE:
+        return MapFill(m.name, sum(1 for v in _field_values(m, maps.ARRAY_IN_USE[m.name]) if v), m.max_entries)
+    return MapFill(m.name, sum(1 for _ in m.keys()), m.max_entries)
 
 
 def _field_values(m: maps.PinnedMap, path: tuple[str, ...]) -> memoryview:

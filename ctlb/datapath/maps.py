@@ -39,7 +39,15 @@ ALL_MAPS: tuple[str, ...] = (
 )
 # Every pin ctlb makes: the maps above and the ring buffer, which has no layout to open it by.
 ALL_PINS: tuple[str, ...] = (*ALL_MAPS, TRACE_RING)
-ARRAYS = frozenset((*FRONTENDS.values(), *BACKENDS.values(), *SOCKETS.values()))
+# ARRAY maps have every index: the field of a slot that is non-zero while the slot is in use
+# (frontend slots are told by their state instead: see inspect).
+ARRAY_IN_USE: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(BACKENDS.values(), ("set_id",)),
+    **dict.fromkeys(SOCKETS.values(), ("cookie",)),
+    **dict.fromkeys(AFFINITY.values(), ("last_used",)),
+    **dict.fromkeys(MESH_CONNS.values(), ("born",)),
+}
+ARRAYS = frozenset((*FRONTENDS.values(), *ARRAY_IN_USE))
 
 # Pins of earlier layouts. No program of this version reads them: they are removed once this
 # version's programs are attached, and by uninstall.

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from ctlb import desired
-from ctlb.datapath import maps, tables
+from ctlb.datapath import inspect, maps, tables
 from ctlb.lab import servers
 from tests.kernel import objects
 from tests.kernel.clients import http_requests, udp_exchange
@@ -602,6 +602,8 @@ def test_a_full_affinity_set_gives_up_its_least_recently_used_client(cluster: Cl
 
     kept = {i: {backend(clients[i]) for _ in range(3)} for i in (0, 2, 3, 4)}
     assert kept == {i: {held[i]} for i in (0, 2, 3, 4)}
+    fill = {f.name: (f.entries, f.max_entries) for f in inspect.inspect(cluster.bpffs).fill}
+    assert fill[maps.AFFINITY[4]] == (4, 4), "`ctlb status` counts the slots in use"
 
 
 def test_session_affinity_expires_after_its_timeout(cluster: Cluster) -> None:
