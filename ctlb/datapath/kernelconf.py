@@ -31,7 +31,8 @@ def config_paths(release: str | None = None) -> tuple[pathlib.Path, ...]:
 
 def kernel_hz(paths: Sequence[pathlib.Path] | None = None) -> int | None:
     """The running kernel's CONFIG_HZ (jiffies a second), or None when no configuration says."""
-    for path in paths if paths is not None else config_paths():
+    paths = tuple(paths) if paths is not None else config_paths()
+    for path in paths:
         try:
             raw = path.read_bytes()
             text = gzip.decompress(raw) if path.suffix == ".gz" else raw
@@ -40,7 +41,7 @@ def kernel_hz(paths: Sequence[pathlib.Path] | None = None) -> int | None:
         hz = hz_of_config(text)
         if hz is not None:
             return hz
-    log.info("kernel_hz_unknown", looked_in=[str(p) for p in paths or config_paths()],
+    log.info("kernel_hz_unknown", looked_in=[str(p) for p in paths],
              effect="session affinity reads the coarse clock, one helper call more a connect")
     return None
 
