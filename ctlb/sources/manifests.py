@@ -23,24 +23,30 @@ import structlog
 import yaml
 
 from ctlb import errors, kubeobjects, model
-from ctlb.sources import inotify, store
+from ctlb.sources import inotify, store, yamldecode
 
 log = structlog.get_logger()
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
-
-# libyaml's C loader parses ~10x faster than the pure-Python one: it matters at 10k objects.
-_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # (path, mtime_ns, size, inode) of each manifest file; None stats mark a path that is missing.
 _FileSignature = tuple[str, int | None, int | None, int | None]
 
 
 @dataclass(frozen=True, slots=True)
-class _Decoded:
+class _Documents:
     """The documents of one file, and the problem that stopped decoding it, if any."""
 
     documents: tuple[object, ...]
+    problem: model.Problem | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Decoded:
+    """One file's objects, converted, in document order with a problem for each document or
+    object that is not valid; and the problem that stopped decoding the file, if any."""
+
+    items: tuple[model.KubeObject | model.Problem, ...]
     problem: model.Problem | None = None
 
 
@@ -113,8 +119,11 @@ class ManifestReader:
                 cached: _Parsed | None) -> _Parsed:
         into: dict[model.ObjectRef, model.KubeObject] = {}
         problems: list[model.Problem] = []
-        for index, document in enumerate(decoded.documents):
-            problems.extend(_add_objects(document, into=into, source=path, index=index))
+        for item in decoded.items:
+            if isinstance(item, model.Problem):
+                problems.append(item)
+            else:
+                into[item.ref] = item  # a later namesake replaces an earlier one
         if decoded.problem is not None:
             problems.append(decoded.problem)
         objects = {(ref.kind, ref.namespace, ref.name): obj for ref, obj in into.items()}
@@ -280,11 +289,11 @@ def _file_signature(path: pathlib.Path) -> _FileSignature:
 
 # --- decoding --------------------------------------------------------------------------------
 
-# libyaml's loader takes about 0.1 ms a document, most of it building Python objects: 20k
-# documents (10k Services) are 2 s of one core. Files decode independently, so when this much
-# YAML changed at once (a start-up), it is decoded in worker processes, one per core, while this
-# process parses each file's documents as they come back, in file order. JSON decodes ten times
-# faster, straight into the model: sending it through a worker would only add the transfer.
+# YAML takes about 55 us a document even built straight from libyaml's events (`yamldecode`):
+# 20k documents (10k Services) are 1.1 s of one core. Files decode independently, so when this much
+# YAML changed at once (a start-up), it is decoded and converted in worker processes, one per
+# core, while this process stores each file's objects as they come back, in file order. JSON
+# decodes ten times faster, straight into the model: a worker would only add the transfer.
 _PARALLEL_MIN_BYTES = 1 << 20
 
 
@@ -322,35 +331,42 @@ def _total_size(paths: Sequence[pathlib.Path]) -> int:
 
 
 def _decode(path: pathlib.Path) -> _Decoded:
+    """One file's objects: its documents decoded and converted, in a worker when there is one,
+    so that converting YAML's dictionaries is spread over the cores too."""
+    read = _read_documents(path)
+    return _Decoded(_converted(read.documents, source=path), read.problem)
+
+
+def _read_documents(path: pathlib.Path) -> _Documents:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
-        return _Decoded((), _file_problem(path, f"cannot be read: {error.strerror or error}"))
+        return _Documents((), _file_problem(path, f"cannot be read: {error.strerror or error}"))
     except UnicodeDecodeError as error:
-        return _Decoded((), _file_problem(path, f"is not UTF-8 text: {error.reason} at byte {error.start}"))
+        return _Documents((), _file_problem(path, f"is not UTF-8 text: {error.reason} at byte {error.start}"))
     if path.suffix == ".json":
         return _decode_json(path, text)
     if _JSON_OBJECT_START.match(text):
         # JSON saved as .yaml (`kubectl get -o json > all.yaml`): JSON is YAML, and decodes
         # ten times faster as JSON. Anything JSON cannot read is read as YAML, as before.
         try:
-            return _Decoded((_json_document(text),))
+            return _Documents((_json_document(text),))
         except (msgspec.DecodeError, ValueError):
             pass
     return _decode_yaml(path, text)
 
 
-def _decode_json(path: pathlib.Path, text: str) -> _Decoded:
+def _decode_json(path: pathlib.Path, text: str) -> _Documents:
     # json, not yaml: PyYAML reads YAML 1.1 and trips over valid JSON such as tab indentation.
     try:
-        return _Decoded((_json_document(text),))
+        return _Documents((_json_document(text),))
     except (msgspec.DecodeError, ValueError):
         pass  # the plain decoder reads what msgspec refuses (NaN), and says where a text is wrong
     try:
-        return _Decoded((json.loads(text),))
+        return _Documents((json.loads(text),))
     except json.JSONDecodeError as error:
         reason = f"invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
-        return _Decoded((), _file_problem(path, reason))
+        return _Documents((), _file_problem(path, reason))
 
 
 class _JsonHead(msgspec.Struct, rename="camel"):
@@ -407,15 +423,19 @@ def _json_item(raw: msgspec.Raw, *, list_kind: str, list_api_version: object) ->
     return json.loads(bytes(raw))
 
 
-def _decode_yaml(path: pathlib.Path, text: str) -> _Decoded:
+def _decode_yaml(path: pathlib.Path, text: str) -> _Documents:
     documents: list[object] = []
     try:
         # Documents before a syntax error are kept: one bad edit must not withdraw a whole file.
-        for document in yaml.load_all(text, Loader=_SAFE_LOADER):
-            documents.append(document)
+        try:
+            yamldecode.decode_documents(text, documents)
+        except yamldecode.Unsupported:
+            documents.clear()
+            for document in yaml.load_all(text, Loader=yamldecode.LOADER):
+                documents.append(document)
     except yaml.YAMLError as error:
-        return _Decoded(tuple(documents), _file_problem(path, _yaml_reason(error)))
-    return _Decoded(tuple(documents))
+        return _Documents(tuple(documents), _file_problem(path, _yaml_reason(error)))
+    return _Documents(tuple(documents))
 
 
 def _yaml_reason(error: yaml.YAMLError) -> str:
@@ -432,10 +452,16 @@ def _file_problem(path: pathlib.Path, reason: str) -> model.Problem:
 # --- objects ---------------------------------------------------------------------------------
 
 
-def _add_objects(
-    document: object, *, into: dict[model.ObjectRef, model.KubeObject], source: pathlib.Path, index: int
-) -> list[model.Problem]:
-    """Parse one document's objects into `into`, a later one replacing an earlier namesake."""
+def _converted(documents: Sequence[object], *, source: pathlib.Path) -> tuple[model.KubeObject | model.Problem, ...]:
+    """The objects of a file's documents, in order, with a problem for each invalid one."""
+    items: list[model.KubeObject | model.Problem] = []
+    for index, document in enumerate(documents):
+        items.extend(_document_objects(document, source=source, index=index))
+    return tuple(items)
+
+
+def _document_objects(document: object, *, source: pathlib.Path, index: int) -> list[model.KubeObject | model.Problem]:
+    """One document's objects (a list holds several), or why each is not one."""
     if document is None:
         return []  # an empty document: a stray `---` or a comment-only file
     if not isinstance(document, dict):
@@ -446,15 +472,13 @@ def _add_objects(
         items = kubeobjects.expand(document)
     except errors.InvalidObject as invalid:
         return [model.Problem(ref=invalid.ref, reason=invalid.reason)]
-    problems: list[model.Problem] = []
+    out: list[model.KubeObject | model.Problem] = []
     for item in items:
         if isinstance(item, model.KubeObject):
-            into[item.ref] = item  # converted as it was decoded (`_json_item`)
+            out.append(item)  # converted as it was decoded (`_json_item`)
             continue
         try:
-            obj = kubeobjects.parse(item)
+            out.append(kubeobjects.parse(item))
         except errors.InvalidObject as invalid:
-            problems.append(model.Problem(ref=invalid.ref, reason=invalid.reason))
-            continue
-        into[obj.ref] = obj
-    return problems
+            out.append(model.Problem(ref=invalid.ref, reason=invalid.reason))
+    return out
