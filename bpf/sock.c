@@ -540,29 +540,16 @@ static __always_inline struct lb4_affinity *lb4_affinity_slot(__u32 idx)
 	return ctlb_aff4_v3.lookup(&idx);
 }
 
-/* The slot holding the client's entry, or NULL. */
-static __always_inline struct lb4_affinity *lb4_affinity_find(const struct lb_affinity_key *key)
+/* The slot holding the client's entry, or NULL; and in *victim where the client's new entry
+ * would go: that slot, else the least recently used of its set. One walk answers both, since a
+ * miss (or a stale entry) is followed by a write. */
+static __always_inline struct lb4_affinity *lb4_affinity_find(const struct lb_affinity_key *key,
+							  struct lb4_affinity **victim)
 {
-	__u32 set = affinity_set(key);
-
-#pragma unroll
-	for (int i = 0; i < CTLB_AFFINITY_WAYS; i++) {
-		struct lb4_affinity *a = lb4_affinity_slot(set + i);
-
-		if (a && affinity_key_eq(&a->key, key))
-			return a;
-	}
-	return NULL;
-}
-
-/* Where the client's new entry goes: the slot holding its key, else the least recently used
- * of its set. */
-static __always_inline struct lb4_affinity *lb4_affinity_victim(const struct lb_affinity_key *key)
-{
-	struct lb4_affinity *victim = NULL;
 	__u32 set = affinity_set(key);
 	__u64 oldest = ~0ULL;
 
+	*victim = NULL;
 #pragma unroll
 	for (int i = 0; i < CTLB_AFFINITY_WAYS; i++) {
 		struct lb4_affinity *a = lb4_affinity_slot(set + i);
@@ -570,24 +557,23 @@ static __always_inline struct lb4_affinity *lb4_affinity_victim(const struct lb_
 
 		if (!a)
 			break;
-		if (affinity_key_eq(&a->key, key))
+		if (affinity_key_eq(&a->key, key)) {
+			*victim = a;
 			return a;
+		}
 		used = READ_U64(&a->last_used);
 		if (used < oldest) {
 			oldest = used;
-			victim = a;
+			*victim = a;
 		}
 	}
-	return victim;
+	return NULL;
 }
 
-/* The affinity entry's backend, if it is fresh and still in the service port's set. The entry
- * is read once into locals: another CPU may rewrite the slot meanwhile (see struct lb4_affinity). */
 static __always_inline bool lb4_affinity_backend(const struct lb_frontend *fe,
-						 const struct lb_affinity_key *akey, __u64 now,
+						 struct lb4_affinity *aff, __u64 now,
 						 struct lb4_backend *out)
 {
-	struct lb4_affinity *aff = lb4_affinity_find(akey);
 	struct lb4_member_key mkey = {};
 	struct lb4_backend *be;
 	__be32 addr;
@@ -616,11 +602,10 @@ static __always_inline bool lb4_affinity_backend(const struct lb_frontend *fe,
 
 /* Records the client's backend: key first, last_used last, so that a reader seeing a fresh
  * entry of its key sees the backend written with it (or a torn one, which it checks). */
-static __always_inline void lb4_affinity_remember(const struct lb_affinity_key *akey, __u64 now,
+static __always_inline void lb4_affinity_remember(struct lb4_affinity *a,
+						  const struct lb_affinity_key *akey, __u64 now,
 						  const struct lb4_backend *be, __u32 slot)
 {
-	struct lb4_affinity *a = lb4_affinity_victim(akey);
-
 	if (!a)
 		return;
 	a->last_used = 0;
@@ -637,6 +622,7 @@ static __always_inline int lb4_pick_backend(void *ctx, const struct lb_frontend 
 					    struct lb_why *why, struct lb4_backend *out)
 {
 	struct lb_affinity_key akey = {};
+	struct lb4_affinity *victim = NULL;
 	struct lb4_backend *be;
 	__u64 now = 0;
 	__u32 slot;
@@ -645,7 +631,7 @@ static __always_inline int lb4_pick_backend(void *ctx, const struct lb_frontend 
 		akey.client = bpf_get_netns_cookie(ctx);
 		akey.svc_id = fe->svc_id;
 		now = affinity_now();
-		if (lb4_affinity_backend(fe, &akey, now, out)) {
+		if (lb4_affinity_backend(fe, lb4_affinity_find(&akey, &victim), now, out)) {
 			why->verdict = TRACE_V_AFFINITY;
 			return 0;
 		}
@@ -659,7 +645,7 @@ static __always_inline int lb4_pick_backend(void *ctx, const struct lb_frontend 
 	out->addr = be->addr;
 	out->port = be->port;
 	if (fe->flags & LB_F_AFFINITY)
-		lb4_affinity_remember(&akey, now, out, slot);
+		lb4_affinity_remember(victim, &akey, now, out, slot);
 	return 0;
 }
 
@@ -1042,26 +1028,13 @@ static __always_inline struct lb6_affinity *lb6_affinity_slot(__u32 idx)
 	return ctlb_aff6_v3.lookup(&idx);
 }
 
-static __always_inline struct lb6_affinity *lb6_affinity_find(const struct lb_affinity_key *key)
+static __always_inline struct lb6_affinity *lb6_affinity_find(const struct lb_affinity_key *key,
+							  struct lb6_affinity **victim)
 {
-	__u32 set = affinity_set(key);
-
-#pragma unroll
-	for (int i = 0; i < CTLB_AFFINITY_WAYS; i++) {
-		struct lb6_affinity *a = lb6_affinity_slot(set + i);
-
-		if (a && affinity_key_eq(&a->key, key))
-			return a;
-	}
-	return NULL;
-}
-
-static __always_inline struct lb6_affinity *lb6_affinity_victim(const struct lb_affinity_key *key)
-{
-	struct lb6_affinity *victim = NULL;
 	__u32 set = affinity_set(key);
 	__u64 oldest = ~0ULL;
 
+	*victim = NULL;
 #pragma unroll
 	for (int i = 0; i < CTLB_AFFINITY_WAYS; i++) {
 		struct lb6_affinity *a = lb6_affinity_slot(set + i);
@@ -1069,22 +1042,23 @@ static __always_inline struct lb6_affinity *lb6_affinity_victim(const struct lb_
 
 		if (!a)
 			break;
-		if (affinity_key_eq(&a->key, key))
+		if (affinity_key_eq(&a->key, key)) {
+			*victim = a;
 			return a;
+		}
 		used = READ_U64(&a->last_used);
 		if (used < oldest) {
 			oldest = used;
-			victim = a;
+			*victim = a;
 		}
 	}
-	return victim;
+	return NULL;
 }
 
 static __always_inline bool lb6_affinity_backend(const struct lb_frontend *fe,
-						 const struct lb_affinity_key *akey, __u64 now,
+						 struct lb6_affinity *aff, __u64 now,
 						 struct lb6_backend *out)
 {
-	struct lb6_affinity *aff = lb6_affinity_find(akey);
 	struct lb6_member_key mkey = {};
 	struct lb6_backend *be;
 	__be32 addr[4];
@@ -1113,11 +1087,10 @@ static __always_inline bool lb6_affinity_backend(const struct lb_frontend *fe,
 	return true;
 }
 
-static __always_inline void lb6_affinity_remember(const struct lb_affinity_key *akey, __u64 now,
+static __always_inline void lb6_affinity_remember(struct lb6_affinity *a,
+						  const struct lb_affinity_key *akey, __u64 now,
 						  const struct lb6_backend *be, __u32 slot)
 {
-	struct lb6_affinity *a = lb6_affinity_victim(akey);
-
 	if (!a)
 		return;
 	a->last_used = 0;
@@ -1134,6 +1107,7 @@ static __always_inline int lb6_pick_backend(void *ctx, const struct lb_frontend 
 					    struct lb_why *why, struct lb6_backend *out)
 {
 	struct lb_affinity_key akey = {};
+	struct lb6_affinity *victim = NULL;
 	struct lb6_backend *be;
 	__u64 now = 0;
 	__u32 slot;
@@ -1142,7 +1116,7 @@ static __always_inline int lb6_pick_backend(void *ctx, const struct lb_frontend 
 		akey.client = bpf_get_netns_cookie(ctx);
 		akey.svc_id = fe->svc_id;
 		now = affinity_now();
-		if (lb6_affinity_backend(fe, &akey, now, out)) {
+		if (lb6_affinity_backend(fe, lb6_affinity_find(&akey, &victim), now, out)) {
 			why->verdict = TRACE_V_AFFINITY;
 			return 0;
 		}
@@ -1154,7 +1128,7 @@ static __always_inline int lb6_pick_backend(void *ctx, const struct lb_frontend 
 	copy_ip6(out->addr, be->addr);
 	out->port = be->port;
 	if (fe->flags & LB_F_AFFINITY)
-		lb6_affinity_remember(&akey, now, out, slot);
+		lb6_affinity_remember(victim, &akey, now, out, slot);
 	return 0;
 }
 
