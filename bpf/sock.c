@@ -570,6 +570,8 @@ static __always_inline struct lb4_affinity *lb4_affinity_find(const struct lb_af
 	return NULL;
 }
 
+/* The affinity entry's backend, if it is fresh and still in the service port's set. The entry
+ * is read once into locals: another CPU may rewrite the slot meanwhile (see struct lb4_affinity). */
 static __always_inline bool lb4_affinity_backend(const struct lb_frontend *fe,
 						 struct lb4_affinity *aff, __u64 now,
 						 struct lb4_backend *out)
