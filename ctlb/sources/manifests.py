@@ -427,12 +427,7 @@ def _decode_yaml(path: pathlib.Path, text: str) -> _Documents:
     documents: list[object] = []
     try:
         # Documents before a syntax error are kept: one bad edit must not withdraw a whole file.
-        try:
-            yamldecode.decode_documents(text, documents)
-        except yamldecode.Unsupported:
-            documents.clear()
-            for document in yaml.load_all(text, Loader=yamldecode.LOADER):
-                documents.append(document)
+        yamldecode.load_documents(text, documents)
     except yaml.YAMLError as error:
         return _Documents(tuple(documents), _file_problem(path, _yaml_reason(error)))
     return _Documents(tuple(documents))

@@ -33,6 +33,21 @@ class Unsupported(Exception):
     """The text uses YAML this module does not build; decode it with the full loader."""
 
 
+def load_documents(text: str, into: list[object]) -> None:
+    """Append each document of `text` to `into` as it completes, as `yaml.load_all` with the safe
+    loader yields them: built from the events where they allow it, else by the full loader.
+
+    Raises:
+        yaml.YAMLError: the text is not valid YAML; the documents before the error are in `into`.
+    """
+    try:
+        decode_documents(text, into)
+    except Unsupported:
+        into.clear()
+        for document in yaml.load_all(text, Loader=LOADER):
+            into.append(document)
+
+
 def decode_documents(text: str, into: list[object]) -> None:
     """Append each document of `text` to `into` as it completes.
 

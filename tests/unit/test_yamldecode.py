@@ -147,6 +147,16 @@ def test_garbage_after_a_document_withholds_it_as_the_safe_loader_does() -> None
     assert documents == []
 
 
+def test_what_it_refuses_is_loaded_by_the_full_loader() -> None:
+    text = f"{KUBECTL_SERVICE}---\nbase: &b {{port: 80}}\nother: {{<<: *b, name: x}}\n"
+    documents: list[object] = []
+
+    yamldecode.load_documents(text, documents)
+
+    assert _typed(documents) == _typed(_full(text))
+    assert documents[1]["other"] == {"port": 80, "name": "x"}
+
+
 def test_manifests_with_anchors_and_merge_keys_load_through_the_full_loader(tmp_path: pathlib.Path) -> None:
     anchored = tmp_path / "anchored.yaml"
     anchored.write_text(
