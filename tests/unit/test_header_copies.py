@@ -151,17 +151,19 @@ def test_trace_hooks_and_verdicts_match_the_header() -> None:
     assert re.search(r"#define CTLB_AF_INET (\d+)", _header())[1] == str(trace.AF_INET)  # type: ignore[index]
 
 
-def test_mesh_ways_match_the_header_and_tables_hold_whole_sets() -> None:
-    found = re.search(r"^#define CTLB_MESH_WAYS (\d+)$", _header(), re.M)
-    assert found is not None and int(found[1]) == programs.MESH_WAYS
-    for asked in (1, 3, 4, 5, 65536, 65537):
-        slots = programs.MapSizes(mesh_conns=asked).mesh_conn_slots
-        assert slots >= max(asked, programs.MESH_WAYS) and slots & (slots - 1) == 0
-
-
-def test_affinity_ways_match_the_header_and_tables_hold_whole_sets() -> None:
-    found = re.search(r"^#define CTLB_AFFINITY_WAYS (\d+)$", _header(), re.M)
-    assert found is not None and int(found[1]) == programs.AFFINITY_WAYS
-    for asked in (1, 3, 4, 5, 131072, 131073):
-        slots = programs.MapSizes(affinity=asked).affinity_slots
-        assert slots >= max(asked, programs.AFFINITY_WAYS) and slots & (slots - 1) == 0
+@pytest.mark.parametrize(
+    ("define", "ways", "size_field", "slots_field", "asked_sizes"),
+    [
+        ("CTLB_MESH_WAYS", programs.MESH_WAYS, "mesh_conns", "mesh_conn_slots", (1, 3, 4, 5, 65536, 65537)),
+        ("CTLB_AFFINITY_WAYS", programs.AFFINITY_WAYS, "affinity", "affinity_slots", (1, 3, 4, 5, 131072, 131073)),
+    ],
+    ids=["mesh", "affinity"],
+)
+def test_set_ways_match_the_header_and_tables_hold_whole_sets(
+    define: str, ways: int, size_field: str, slots_field: str, asked_sizes: tuple[int, ...]
+) -> None:
+    found = re.search(rf"^#define {define} (\d+)$", _header(), re.M)
+    assert found is not None and int(found[1]) == ways
+    for asked in asked_sizes:
+        slots = getattr(programs.MapSizes(**{size_field: asked}), slots_field)
+        assert slots >= max(asked, ways) and slots & (slots - 1) == 0
